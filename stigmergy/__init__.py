@@ -1,0 +1,61 @@
+"""stigmergy: a stigmergic pressure-field scheduler for LLM agents.
+
+Events deposit decaying signals into a shared field; an agent (or a waiting
+request) acts when the pressure it feels crosses its threshold.
+
+    from stigmergy import PheromoneField
+
+    field = PheromoneField()
+    await field.deposit("agent-1", "work_claim", 0.8, target_agent_id="agent-2")
+    pressure = await field.read_pressure("agent-2")
+"""
+
+from stigmergy.backends import (
+    FieldBackend,
+    InMemoryFieldBackend,
+    backend_from_url,
+)
+from stigmergy.clock import Clock, ManualClock, monotonic_clock
+from stigmergy.decay import (
+    DecayPolicy,
+    DecayStrategy,
+    ExponentialDecay,
+    LinearDecay,
+    StepDecay,
+    StochasticDecay,
+)
+from stigmergy.errors import (
+    BackendError,
+    ConfigurationError,
+    FieldCapacityError,
+    InvalidSignalError,
+    StigmergyError,
+)
+from stigmergy.field import Contribution, Explanation, PheromoneField
+from stigmergy.signal import Signal
+
+__all__ = [
+    "BackendError",
+    "Clock",
+    "ConfigurationError",
+    "Contribution",
+    "DecayPolicy",
+    "DecayStrategy",
+    "Explanation",
+    "ExponentialDecay",
+    "FieldBackend",
+    "FieldCapacityError",
+    "InMemoryFieldBackend",
+    "InvalidSignalError",
+    "LinearDecay",
+    "ManualClock",
+    "PheromoneField",
+    "Signal",
+    "StepDecay",
+    "StigmergyError",
+    "StochasticDecay",
+    "backend_from_url",
+    "monotonic_clock",
+]
+
+__version__ = "0.1.0"
