@@ -16,7 +16,9 @@ def test_quick_start_runs_and_prints_the_documented_pressure(capsys: pytest.Capt
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     lines = capsys.readouterr().out.splitlines()
     assert float(lines[0]) == pytest.approx(0.3, rel=1e-3)  # real clock: a few ms of decay
-    assert ast.literal_eval(lines[1]) == pytest.approx({"planner": -0.5, "coder": 0.3, "monitor": 0.0}, rel=1e-3)
+    assert ast.literal_eval(lines[1]) == pytest.approx(
+        {"planner": -0.5, "coder": 0.3, "monitor": 0.0}, rel=1e-3
+    )
     assert lines[2].startswith("pressure on agent 'coder'")
 
 
