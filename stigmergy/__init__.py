@@ -26,6 +26,7 @@ from stigmergy.decay import (
 )
 from stigmergy.errors import (
     BackendError,
+    BackendUnavailableError,
     ConfigurationError,
     FieldCapacityError,
     InvalidSignalError,
@@ -36,6 +37,7 @@ from stigmergy.signal import Signal
 
 __all__ = [
     "BackendError",
+    "BackendUnavailableError",
     "Clock",
     "ConfigurationError",
     "Contribution",

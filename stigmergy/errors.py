@@ -7,6 +7,7 @@
     ├── ConfigurationError      (also ValueError)  bad decay parameters, thresholds, URLs
     ├── FieldCapacityError                         more agents, types or regions than a field indexes
     └── BackendError                               a backend could not do what was asked
+        └── BackendUnavailableError                the backend's server cannot be reached
 
 Catch ``StigmergyError`` to handle all of them; the multiple bases let existing
 ``except ValueError`` code keep working.
@@ -33,3 +34,7 @@ class FieldCapacityError(StigmergyError):
 
 class BackendError(StigmergyError):
     """A backend failed to carry out an operation."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend's server cannot be reached; the message names it (password redacted) and what to check."""

@@ -31,6 +31,8 @@ def check_name(value: Any, what: str, *, optional: bool = False) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise InvalidSignalError(f"{what} must be a non-empty string, got {value!r}")
+    if not value.isprintable():
+        raise InvalidSignalError(f"{what} must not contain control characters, got {value!r}")
     return value
 
 

@@ -22,7 +22,7 @@ def source_modules() -> set[str]:
     found = set()
     for folder, installed in MAPPING.items():
         for path in (ROOT / folder).rglob("*"):
-            if path.suffix in {".py", ".typed"} and "__pycache__" not in path.parts:
+            if path.suffix in {".py", ".typed", ".lua"} and "__pycache__" not in path.parts:
                 found.add(f"{installed}/{path.relative_to(ROOT / folder).as_posix()}")
     return found
 

@@ -1,0 +1,412 @@
+"""The Redis backend: one field shared by many processes on many machines.
+
+Every mutation and every pressure read is one Lua script (``redis_field.lua``), so
+it is atomic without locks and costs one round trip. Time is the Redis server's
+``TIME`` inside the script: processes with skewed clocks agree. Sums of exponential
+and step signals are decayed accumulators in one hash, so one agent's reading is a
+few ``HGET``s whatever the field's size; every signal sits in an expiry-sorted set
+and is retired (from storage and from the sums) when it evaporates. All keys of a
+field share one hash tag, ``stigmergy:{<key_prefix>}:...``, and every script declares
+them, so a field works on Redis Cluster. Keys expire after ``idle_ttl`` seconds
+without writes, so an abandoned field frees itself.
+
+Needs the ``redis`` extra: ``pip install 'stigmergy-field[redis]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from stigmergy.backends.protocol import DepositBatch, PressureQuery, SignalFilter, StoredSignal
+from stigmergy.clock import Clock
+from stigmergy.decay import (
+    DecayPolicy,
+    DecayStrategy,
+    ExponentialDecay,
+    LinearDecay,
+    StepDecay,
+    StochasticDecay,
+)
+from stigmergy.errors import BackendError, BackendUnavailableError, ConfigurationError
+from stigmergy.signal import Signal
+
+try:
+    from redis import exceptions as redis_errors
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "the Redis backend needs the redis package: pip install 'stigmergy-field[redis]'"
+    ) from exc
+
+_KEY_NAMES = ("sig", "exp", "acc", "gen", "seq", "evap", "types", "agents")
+_SEP = "\x1f"
+_UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+def _load_scripts() -> dict[str, str]:
+    source = resources.files("stigmergy.backends").joinpath("redis_field.lua").read_text()
+    prelude, *bodies = source.split("\n--@@ ")
+    scripts = {}
+    for body in bodies:
+        name, _, code = body.partition("\n")
+        scripts[name.strip()] = f"{prelude}\n{code}"
+    return scripts
+
+
+_SCRIPTS = _load_scripts()
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _spec(strategy: DecayStrategy) -> tuple[str, float]:
+    """How the Lua scripts decay a type: (kind, parameter)."""
+    if isinstance(strategy, ExponentialDecay):
+        return "e", math.log(2.0) / strategy.half_life_seconds
+    if isinstance(strategy, StepDecay):
+        return "s", strategy.ttl_seconds
+    if isinstance(strategy, LinearDecay):
+        return "l", strategy.rate_per_second
+    if isinstance(strategy, StochasticDecay):
+        return "x", math.log(2.0) / strategy.half_life_seconds
+    raise ConfigurationError(
+        f"the Redis backend computes decay inside Redis and supports ExponentialDecay, StepDecay, "
+        f"LinearDecay and StochasticDecay; {strategy!r} can only run on the in-memory backend"
+    )
+
+
+def _describe(policy: DecayPolicy) -> str:
+    """A canonical text of the policy: every process sharing a field must present the same one."""
+
+    def one(strategy: DecayStrategy) -> list[Any]:
+        kind, param = _spec(strategy)
+        noise = strategy.noise_factor if isinstance(strategy, StochasticDecay) else 0.0
+        return [kind, param, noise]
+
+    return json.dumps(
+        {
+            "threshold": policy.evaporation_threshold,
+            "default": one(policy.default),
+            "by_type": {name: one(s) for name, s in sorted(policy.by_type.items())},
+        },
+        sort_keys=True,
+    )
+
+
+class RedisFieldBackend:
+    """A field stored in Redis, shared by every process that uses the same ``key_prefix``.
+
+    ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``.
+    ``clock`` replaces the server's clock (tests only: it must be shared by every
+    process using the field).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        key_prefix: str = "stigmergy",
+        *,
+        clock: Clock | None = None,
+        idle_ttl: float = 7 * 24 * 3600.0,
+        description: str = "Redis",
+        owns_client: bool = False,
+    ) -> None:
+        if not key_prefix or any(c in key_prefix for c in "{}"):
+            raise ConfigurationError(f"key_prefix must be non-empty and free of braces, got {key_prefix!r}")
+        if not idle_ttl >= 1:
+            raise ConfigurationError(f"idle_ttl must be at least 1 second, got {idle_ttl!r}")
+        self._client = client
+        self._owns_client = owns_client
+        self._clock = clock
+        self._idle_ttl = str(int(idle_ttl))
+        self._description = description
+        base = f"stigmergy:{{{key_prefix}}}"
+        self._keys = [f"{base}:{name}" for name in _KEY_NAMES]
+        self._config_key = f"{base}:config"
+        self._shas = {name: hashlib.sha1(code.encode()).hexdigest() for name, code in _SCRIPTS.items()}
+        self._policy: DecayPolicy | None = None
+        self._specs: dict[str, tuple[str, float]] = {}
+        self._threshold = ""
+        self._salt = os.urandom  # per-signal randomness for stochastic decay
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisFieldBackend:
+        """``redis://[:password@]host:port/db?key_prefix=name`` (``rediss://`` for TLS,
+        ``redis+cluster://host:port`` for a cluster)."""
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        key_prefix = query.pop("key_prefix", kwargs.pop("key_prefix", "stigmergy"))
+        cluster = parts.scheme == "redis+cluster"
+        rest = urlunsplit(parts._replace(scheme="redis" if cluster else parts.scheme, query=urlencode(query)))
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            client: Any = RedisCluster.from_url(rest, socket_connect_timeout=5.0, socket_timeout=10.0)
+        else:
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(rest, socket_connect_timeout=5.0, socket_timeout=10.0)
+        return cls(client, key_prefix, description=f"Redis at {redact(url)}", owns_client=True, **kwargs)
+
+    # -- protocol: lifecycle --------------------------------------------------------
+
+    async def bind(self, policy: DecayPolicy) -> None:
+        if self._policy is not None and self._policy is not policy:
+            raise ConfigurationError(
+                "this backend already serves another PheromoneField; give each field its own backend"
+            )
+        described = _describe(policy)
+        try:
+            await self._client.hsetnx(self._config_key, "policy", described)
+            stored = _text(await self._client.hget(self._config_key, "policy"))
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        if stored != described:
+            raise ConfigurationError(
+                f"this field ({self._keys[0].rsplit(':', 1)[0]}) is shared with a policy different from "
+                f"this process's: stored {stored}, here {described}. Use the same decay settings in every "
+                "process, or another key_prefix"
+            )
+        self._policy = policy
+        self._threshold = repr(policy.evaporation_threshold)
+
+    async def now(self) -> float:
+        return float(_text(await self._run("now")))
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- protocol: writes -----------------------------------------------------------
+
+    async def deposit(
+        self,
+        agent_id: str,
+        signal_type: str,
+        intensity: float,
+        metadata: dict[str, Any],
+        target_agent_id: str | None,
+        region: str | None,
+    ) -> Signal:
+        signal = Signal(
+            agent_id=agent_id,
+            signal_type=signal_type,
+            intensity=intensity,
+            metadata=metadata,
+            target_agent_id=target_agent_id,
+            region=region,
+        )
+        reply = await self._run(
+            "deposit", *self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
+        )
+        now = float(_text(reply[0]))
+        return Signal(
+            id=_text(reply[1]),
+            agent_id=agent_id,
+            signal_type=signal_type,
+            intensity=signal.intensity,
+            metadata=metadata,
+            created_at=datetime.fromtimestamp(now, tz=UTC),
+            target_agent_id=target_agent_id,
+            region=region,
+            deposited_at=now,
+        )
+
+    async def deposit_many(self, batch: DepositBatch) -> int:
+        if len(batch) == 0:
+            return 0
+        metadata: Sequence[dict[str, Any] | None] = batch.metadata or [None] * len(batch)
+        args: list[str] = []
+        for agent, kind, intensity, target, region, meta in zip(
+            batch.agent_ids,
+            batch.signal_types,
+            batch.intensities.tolist(),
+            batch.target_agent_ids,
+            batch.regions,
+            metadata,
+            strict=True,
+        ):
+            args.extend(self._record(agent, kind, intensity, target, region, meta))
+        reply = await self._run("deposit", *args)
+        return len(reply) - 1
+
+    async def rescale(
+        self,
+        factor: float,
+        *,
+        signal_id: str | None = None,
+        region: str | None = None,
+        signal_type: str | None = None,
+    ) -> list[StoredSignal]:
+        reply = await self._run("rescale", repr(factor), signal_id or "", region or "", signal_type or "")
+        return self._stored(reply)
+
+    async def remove(self, *, agent_id: str | None = None, region: str | None = None) -> int:
+        return int(await self._run("remove", agent_id or "", region or ""))
+
+    async def evaporate(self) -> int:
+        return int(await self._run("evaporate"))
+
+    # -- protocol: reads ------------------------------------------------------------
+
+    async def pressure(self, agent_id: str | None, query: PressureQuery) -> float:
+        args = [agent_id or "", "0" if agent_id is None else "1", query.region or "", *self._weights(query)]
+        return float(_text(await self._run("pressure", *args)))
+
+    async def pressures(self, agent_ids: Sequence[str] | None, query: PressureQuery) -> dict[str, float]:
+        reply = await self._run("pressures", query.region or "", *self._weights(query), *(agent_ids or ()))
+        return {_text(reply[i]): float(_text(reply[i + 1])) for i in range(0, len(reply), 2)}
+
+    async def signals(self, selector: SignalFilter) -> list[StoredSignal]:
+        return await self._select("", selector)
+
+    async def get(self, signal_id: str) -> StoredSignal | None:
+        found = await self._select(signal_id, SignalFilter())
+        return found[0] if found else None
+
+    async def count(self) -> int:
+        return int(await self._command("hlen", self._keys[0]))
+
+    async def agents(self) -> list[str]:
+        return sorted(_text(a) for a in await self._command("smembers", self._keys[7]))
+
+    # -- introspection ----------------------------------------------------------------
+
+    async def memory_bytes(self) -> int:
+        """Bytes Redis reports for this field's keys (``MEMORY USAGE``)."""
+        total = 0
+        for key in self._keys:
+            total += int(await self._command("memory_usage", key, samples=0) or 0)
+        return total
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _record(
+        self,
+        agent: str,
+        signal_type: str,
+        intensity: float,
+        target: str | None,
+        region: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> list[str]:
+        kind, param = self._spec_of(signal_type)
+        if kind == "x":  # stochastic: each signal draws its own half-life once
+            strategy = self._policy.strategy(signal_type) if self._policy else None
+            assert isinstance(strategy, StochasticDecay)
+            salt = np.frombuffer(self._salt(8), dtype=np.uint64)
+            param = math.log(2.0) / float(strategy.half_lives(salt)[0])
+        meta = json.dumps(metadata, allow_nan=False) if metadata else ""
+        return [
+            agent,
+            signal_type,
+            repr(float(intensity)),
+            target or "",
+            region or "",
+            meta,
+            kind,
+            repr(param),
+        ]
+
+    def _spec_of(self, signal_type: str) -> tuple[str, float]:
+        spec = self._specs.get(signal_type)
+        if spec is None:
+            if self._policy is None:
+                raise BackendError("the backend is not bound to a field; use it through PheromoneField")
+            spec = self._specs[signal_type] = _spec(self._policy.strategy(signal_type))
+        return spec
+
+    @staticmethod
+    def _weights(query: PressureQuery) -> list[str]:
+        if query.signal_types is None:
+            pairs = [(name, w) for name, w in query.weights.items()]
+            mode = "*"
+        else:
+            pairs = [(name, query.weights.get(name, 1.0)) for name in dict.fromkeys(query.signal_types)]
+            mode = "list"
+        flat = [item for name, w in pairs for item in (name, repr(float(w)))]
+        return [mode, str(len(pairs)), *flat]
+
+    async def _select(self, signal_id: str, selector: SignalFilter) -> list[StoredSignal]:
+        if selector.signal_types is not None and not selector.signal_types:
+            return []
+        reply = await self._run(
+            "select",
+            signal_id,
+            selector.visible_to or "",
+            selector.agent_id or "",
+            selector.exclude_agent_id or "",
+            selector.region or "",
+            _SEP.join(selector.signal_types) if selector.signal_types is not None else "",
+        )
+        return self._stored(reply)
+
+    @staticmethod
+    def _stored(reply: list[Any]) -> list[StoredSignal]:
+        out = []
+        for i in range(0, len(reply) - 1, 3):
+            intensity, t0, expiry, _kind, _param, names = _text(reply[i + 1]).split("|", 5)
+            agent, signal_type, target, region, meta = json.loads(names)
+            deposited = float(t0)
+            signal = Signal(
+                id=_text(reply[i]),
+                agent_id=agent,
+                signal_type=signal_type,
+                intensity=float(intensity),
+                metadata=json.loads(meta) if meta else {},
+                created_at=datetime.fromtimestamp(deposited, tz=UTC),
+                target_agent_id=target or None,
+                region=region or None,
+                deposited_at=deposited,
+            )
+            out.append(StoredSignal(signal, float(_text(reply[i + 2])), float(expiry)))
+        return out
+
+    async def _run(self, name: str, *args: str) -> Any:
+        if name != "now" and self._policy is None:
+            raise BackendError("the backend is not bound to a field; use it through PheromoneField")
+        now = "" if self._clock is None else repr(float(self._clock()))
+        argv = [now, self._threshold or "0.01", self._idle_ttl, *args]
+        try:
+            try:
+                return await self._client.evalsha(self._shas[name], len(self._keys), *self._keys, *argv)
+            except redis_errors.NoScriptError:  # first use, SCRIPT FLUSH or a restart: send the source
+                return await self._client.eval(_SCRIPTS[name], len(self._keys), *self._keys, *argv)
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        except redis_errors.ResponseError as exc:
+            raise BackendError(f"{self._description} refused the {name} script: {exc}") from exc
+
+    async def _command(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._client, name)(*args, **kwargs)
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"cannot reach {self._description}: {exc}. Check that the server is running and reachable "
+            "from here (host, port, firewall), and the password, database number and TLS settings"
+        )
