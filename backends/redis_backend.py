@@ -237,7 +237,9 @@ class RedisFieldBackend:
     async def deposit_many(self, batch: DepositBatch) -> int:
         if len(batch) == 0:
             return 0
-        metadata: Sequence[dict[str, Any] | None] = batch.metadata or [None] * len(batch)
+        metadata: list[dict[str, Any] | None] = [None] * len(batch)
+        if batch.metadata is not None:
+            metadata = list(batch.metadata)
         args: list[str] = []
         for agent, kind, intensity, target, region, meta in zip(
             batch.agent_ids,
