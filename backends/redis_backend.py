@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Redis backend needs the redis package: pip install 'stigmergy-field[redis]'"
     ) from exc
 
-_KEY_NAMES = ("sig", "exp", "acc", "gen", "seq", "evap", "types", "agents")
+_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents")
 _SEP = "\x1f"
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
@@ -218,9 +218,8 @@ class RedisFieldBackend:
             target_agent_id=target_agent_id,
             region=region,
         )
-        reply = await self._run(
-            "deposit", *self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
-        )
+        record = self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
+        reply = await self._run("deposit", json.dumps([record]))
         now = float(_text(reply[0]))
         return Signal(
             id=_text(reply[1]),
@@ -240,19 +239,20 @@ class RedisFieldBackend:
         metadata: list[dict[str, Any] | None] = [None] * len(batch)
         if batch.metadata is not None:
             metadata = list(batch.metadata)
-        args: list[str] = []
-        for agent, kind, intensity, target, region, meta in zip(
-            batch.agent_ids,
-            batch.signal_types,
-            batch.intensities.tolist(),
-            batch.target_agent_ids,
-            batch.regions,
-            metadata,
-            strict=True,
-        ):
-            args.extend(self._record(agent, kind, intensity, target, region, meta))
-        reply = await self._run("deposit", *args)
-        return len(reply) - 1
+        records = [
+            self._record(agent, kind, intensity, target, region, meta)
+            for agent, kind, intensity, target, region, meta in zip(
+                batch.agent_ids,
+                batch.signal_types,
+                batch.intensities.tolist(),
+                batch.target_agent_ids,
+                batch.regions,
+                metadata,
+                strict=True,
+            )
+        ]
+        reply = await self._run("deposit", json.dumps(records))
+        return int(_text(reply[2]))
 
     async def rescale(
         self,
@@ -279,7 +279,8 @@ class RedisFieldBackend:
 
     async def pressures(self, agent_ids: Sequence[str] | None, query: PressureQuery) -> dict[str, float]:
         reply = await self._run("pressures", query.region or "", *self._weights(query), *(agent_ids or ()))
-        return {_text(reply[i]): float(_text(reply[i + 1])) for i in range(0, len(reply), 2)}
+        flat = json.loads(reply)
+        return {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def signals(self, selector: SignalFilter) -> list[StoredSignal]:
         return await self._select("", selector)
@@ -292,7 +293,7 @@ class RedisFieldBackend:
         return int(await self._command("hlen", self._keys[0]))
 
     async def agents(self) -> list[str]:
-        return sorted(_text(a) for a in await self._command("smembers", self._keys[7]))
+        return sorted(_text(a) for a in await self._command("smembers", self._keys[8]))
 
     # -- introspection ----------------------------------------------------------------
 
@@ -313,7 +314,8 @@ class RedisFieldBackend:
         target: str | None,
         region: str | None,
         metadata: dict[str, Any] | None,
-    ) -> list[str]:
+    ) -> list[Any]:
+        """One signal as the deposit script reads it (numbers stay numbers: JSON keeps all 17 digits)."""
         kind, param = self._spec_of(signal_type)
         if kind == "x":  # stochastic: each signal draws its own half-life once
             strategy = self._policy.strategy(signal_type) if self._policy else None
@@ -321,16 +323,8 @@ class RedisFieldBackend:
             salt = np.frombuffer(self._salt(8), dtype=np.uint64)
             param = math.log(2.0) / float(strategy.half_lives(salt)[0])
         meta = json.dumps(metadata, allow_nan=False) if metadata else ""
-        return [
-            agent,
-            signal_type,
-            repr(float(intensity)),
-            target or "",
-            region or "",
-            meta,
-            kind,
-            repr(param),
-        ]
+        names = json.dumps([agent, signal_type, target or "", region or "", meta])
+        return [agent, signal_type, float(intensity), target or "", region or "", kind, param, names]
 
     def _spec_of(self, signal_type: str) -> tuple[str, float]:
         spec = self._specs.get(signal_type)

@@ -1,21 +1,27 @@
 -- stigmergy field scripts for Redis. Each script is this prelude plus one body.
 --
 -- KEYS (all share one hash tag, so they live in one cluster slot):
---   1 sig     hash  id -> record: "I|t0|expiry|kind|param|" .. cjson([agent, type, target, region, meta])
+--   1 sig     hash  id -> "I|t0|expiry|kind|param|" .. cjson([agent, type, target, region, meta])
 --   2 exp     zset  id -> expiry (every signal; retired when expiry <= now)
---   3 acc     hash  scope \31 type \31 agent \31 region -> "S|t|n|rate" (decayed sums of 'e' and 's' signals)
---   4 gen     set   ids of signals evaluated one by one ('l' linear, 'x' own-rate exponential)
---   5 seq     string  id counter
---   6 evap    string  signals retired since the last evaporate()
---   7 types   set   signal types seen
---   8 agents  set   agents seen (depositors and targets)
+--   3 acc     hash  scope \31 type \31 agent \31 region -> A, a sum of 'e' and 's' signals in landmark form
+--   4 count   hash  same fields -> how many live signals the sum holds (at 0 the sum is dropped)
+--   5 gen     set   ids of signals evaluated one by one ('l' linear, 'x' own-rate exponential)
+--   6 seq     string  id counter
+--   7 evap    string  signals retired since the last evaporate()
+--   8 types   hash  type -> "rate|epoch": the decay rate of its sums and their landmark time
+--   9 agents  set   agents seen (depositors and targets)
 -- ARGV[1] = now ('' = the server's TIME), ARGV[2] = evaporation threshold, ARGV[3] = idle TTL (s).
+--
+-- Landmark form: a sum of type t is stored as A = sum of I_i * e^(rate * (t_i - epoch_t)), so it is
+-- worth A * e^(-rate * (now - epoch_t)) now. A deposit adds a constant, a retirement subtracts the
+-- very same constant, a reading multiplies once per type: no per-sum exponentials, no parsing.
+-- Before e^(rate * (now - epoch)) grows past e^REBASE, every sum of the type is rescaled to epoch = now.
 -- Kinds: e = exponential (param: rate), s = step (param: ttl), l = linear (param: rate per s),
 --        x = exponential with its own rate, not summed (stochastic decay draws one per signal).
 -- Scopes: 0 any signal, 1 untargeted, 2 untargeted from agent, 3 targeted at agent (by another).
 
-local K_SIG, K_EXP, K_ACC, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
@@ -26,7 +32,7 @@ end
 local NOW = clock()
 local THRESHOLD = tonumber(ARGV[2])
 local IDLE_TTL = tonumber(ARGV[3])
-local SEP = '\31'
+local REBASE = 100
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -38,8 +44,8 @@ local function decode(raw)
 end
 
 local function encode(r)
-  return fmt(r.I) .. '|' .. fmt(r.t0) .. '|' .. fmt(r.expiry) .. '|' .. r.kind .. '|' .. fmt(r.param) .. '|' ..
-    cjson.encode({r.agent, r.type, r.target, r.region, r.meta})
+  local names = r.names or cjson.encode({r.agent, r.type, r.target, r.region, r.meta})
+  return string.format('%.17g|%.17g|%.17g|%s|%.17g|%s', r.I, r.t0, r.expiry, r.kind, r.param, names)
 end
 
 local function rate_of(r)
@@ -72,45 +78,106 @@ local function lifetime(r)
   return math.log(m / THRESHOLD) / r.param
 end
 
+local TYPES = {}  -- type -> {rate, epoch}, read once per script
+
+local function type_info(t)
+  local info = TYPES[t]
+  if info == nil then
+    local raw = redis.call('HGET', K_TYPES, t)
+    if not raw then return nil end
+    local rate, epoch = string.match(raw, '^([^|]*)|(.*)$')
+    info = {tonumber(rate), tonumber(epoch)}
+    TYPES[t] = info
+  end
+  return info
+end
+
+local function register_type(t, rate)
+  if type_info(t) == nil then
+    redis.call('HSET', K_TYPES, t, fmt(rate) .. '|' .. fmt(NOW))
+    TYPES[t] = {rate, NOW}
+  end
+end
+
+-- What a type's stored sums are worth per unit now (nil: type never seen); rebases when due.
+local function scale(t)
+  local info = type_info(t)
+  if info == nil then return nil end
+  if info[1] * (NOW - info[2]) > REBASE then
+    local factor = math.exp(-info[1] * (NOW - info[2]))
+    local flat = redis.call('HGETALL', K_ACC)
+    for k = 1, #flat, 2 do
+      if string.match(flat[k], '^%d\31([^\31]*)\31') == t then
+        redis.call('HSET', K_ACC, flat[k], fmt(tonumber(flat[k + 1]) * factor))
+      end
+    end
+    info[2] = NOW
+    redis.call('HSET', K_TYPES, t, fmt(info[1]) .. '|' .. fmt(NOW))
+  end
+  return math.exp(-info[1] * (NOW - info[2]))
+end
+
+-- The constant a signal adds to its sums (and a retirement takes back).
+local function landmark(r, intensity)
+  local rate = rate_of(r)
+  if rate == 0 then return intensity end
+  return intensity * math.exp(rate * (r.t0 - type_info(r.type)[2]))
+end
+
+local function acc_field(scope, signal_type, agent, region)
+  return string.format('%s\31%s\31%s\31%s', scope, signal_type, agent, region)
+end
+
 local function acc_fields(r)
   local fields = {}
   local regions = {''}
   if r.region ~= '' then regions[2] = r.region end
   for _, region in ipairs(regions) do
-    fields[#fields + 1] = '0' .. SEP .. r.type .. SEP .. SEP .. region
+    fields[#fields + 1] = acc_field('0', r.type, '', region)
     if r.target == '' then
-      fields[#fields + 1] = '1' .. SEP .. r.type .. SEP .. SEP .. region
-      fields[#fields + 1] = '2' .. SEP .. r.type .. SEP .. r.agent .. SEP .. region
+      fields[#fields + 1] = acc_field('1', r.type, '', region)
+      fields[#fields + 1] = acc_field('2', r.type, r.agent, region)
     elseif r.target ~= r.agent then
-      fields[#fields + 1] = '3' .. SEP .. r.type .. SEP .. r.target .. SEP .. region
+      fields[#fields + 1] = acc_field('3', r.type, r.target, region)
     end
   end
   return fields
 end
 
-local function acc_read(raw, now)
-  local S, t, n, rate = string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  return tonumber(S) * math.exp(-tonumber(rate) * (now - tonumber(t))), tonumber(n)
-end
-
--- Add delta (decayed to now) to every sum the signal belongs to; dn changes the member count.
-local function acc_add(r, delta, dn, now)
-  local rate = rate_of(r)
-  for _, field in ipairs(acc_fields(r)) do
-    local raw = redis.call('HGET', K_ACC, field)
-    local S, n = 0, 0
-    if raw then S, n = acc_read(raw, now) end
-    S, n = S + delta, n + dn
-    if n <= 0 then
-      redis.call('HDEL', K_ACC, field)
-    else
-      redis.call('HSET', K_ACC, field, fmt(S) .. '|' .. fmt(now) .. '|' .. n .. '|' .. fmt(rate))
-    end
+-- Add amount (landmark form) to one sum; dn changes how many signals it holds.
+local function acc_apply(field, amount, dn)
+  if dn ~= 0 and redis.call('HINCRBY', K_COUNT, field, dn) <= 0 then
+    redis.call('HDEL', K_COUNT, field)
+    redis.call('HDEL', K_ACC, field)
+  elseif amount ~= 0 then
+    redis.call('HINCRBYFLOAT', K_ACC, field, fmt(amount))
   end
 end
 
+local function acc_add(r, amount, dn)
+  for _, field in ipairs(acc_fields(r)) do acc_apply(field, amount, dn) end
+end
+
+-- One command per chunk of arguments: Lua's unpack() has a stack limit.
+local function call_chunked(command, key, args, width)
+  local chunk = 4000 - 4000 % width
+  for start = 1, #args, chunk do
+    redis.call(command, key, unpack(args, start, math.min(start + chunk - 1, #args)))
+  end
+end
+
+-- The values of many fields of the acc hash, in order (0 where absent).
+local function acc_values(fields)
+  local out = {}
+  for start = 1, #fields, 4000 do
+    local got = redis.call('HMGET', K_ACC, unpack(fields, start, math.min(start + 3999, #fields)))
+    for _, v in ipairs(got) do out[#out + 1] = tonumber(v) or 0 end
+  end
+  return out
+end
+
 local function forget(id, r, now, live)
-  if live and summed(r) then acc_add(r, -value(r, now), -1, now) end
+  if live and summed(r) then acc_add(r, -landmark(r, r.I), -1) end
   redis.call('HDEL', K_SIG, id)
   redis.call('ZREM', K_EXP, id)
   if not summed(r) then redis.call('SREM', K_GEN, id) end
@@ -133,7 +200,7 @@ local function expire(now)
 end
 
 local function touch()
-  for i = 1, 8 do redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
 end
 
 local function visible_to(r, agent)
@@ -146,7 +213,7 @@ local function weights_from(i)
   local n = tonumber(ARGV[i + 1])
   local w = {}
   if mode == '*' then
-    for _, t in ipairs(redis.call('SMEMBERS', K_TYPES)) do w[t] = 1.0 end
+    for _, t in ipairs(redis.call('HKEYS', K_TYPES)) do w[t] = 1.0 end
   end
   for k = 0, n - 1 do
     local t, weight = ARGV[i + 2 + 2 * k], tonumber(ARGV[i + 3 + 2 * k])
@@ -169,27 +236,56 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4..]: records of 8: agent, type, intensity, target, region, meta-json, kind, param (8 fields)
+-- ARGV[4]: JSON array of records [agent, type, intensity, target, region, kind, param, names-json],
+-- names-json being the record's cjson part, [agent, type, target, region, meta-json], made by the client.
+-- Sums are updated once per distinct accumulator, however many signals of the batch it takes.
 expire(NOW)
-local ids = {fmt(NOW)}
-local i = 4
-while i <= #ARGV do
-  local r = {agent = ARGV[i], type = ARGV[i + 1], I = tonumber(ARGV[i + 2]), target = ARGV[i + 3],
-             region = ARGV[i + 4], meta = ARGV[i + 5], kind = ARGV[i + 6], param = tonumber(ARGV[i + 7]),
-             t0 = NOW}
+local records = cjson.decode(ARGV[4])
+local first = redis.call('INCRBY', K_SEQ, #records) - #records + 1
+local sig, exp, gen, agents, seen, amounts, counts, order, checked = {}, {}, {}, {}, {}, {}, {}, {}, {}
+for k, rec in ipairs(records) do
+  local r = {agent = rec[1], type = rec[2], I = rec[3], target = rec[4], region = rec[5], kind = rec[6],
+             param = rec[7], names = rec[8], t0 = NOW}
   r.expiry = NOW + lifetime(r)
-  local id = tostring(redis.call('INCR', K_SEQ))
-  redis.call('HSET', K_SIG, id, encode(r))
-  redis.call('ZADD', K_EXP, fmt(r.expiry), id)
-  if summed(r) then acc_add(r, r.I, 1, NOW) else redis.call('SADD', K_GEN, id) end
-  redis.call('SADD', K_TYPES, r.type)
-  redis.call('SADD', K_AGENTS, r.agent)
-  if r.target ~= '' then redis.call('SADD', K_AGENTS, r.target) end
-  ids[#ids + 1] = id
-  i = i + 8
+  local id = tostring(first + k - 1)
+  sig[#sig + 1] = id
+  sig[#sig + 1] = encode(r)
+  exp[#exp + 1] = fmt(r.expiry)
+  exp[#exp + 1] = id
+  if not checked[r.type] then
+    register_type(r.type, summed(r) and rate_of(r) or 0)
+    scale(r.type)  -- rebase first if due, so the landmark constant stays small
+    checked[r.type] = true
+  end
+  if summed(r) then
+    local amount = landmark(r, r.I)
+    for _, field in ipairs(acc_fields(r)) do
+      if amounts[field] == nil then
+        amounts[field], counts[field] = 0, 0
+        order[#order + 1] = field
+      end
+      amounts[field], counts[field] = amounts[field] + amount, counts[field] + 1
+    end
+  else
+    gen[#gen + 1] = id
+  end
+  for _, name in ipairs({r.agent, r.target}) do
+    if name ~= '' and not seen[name] then
+      seen[name] = true
+      agents[#agents + 1] = name
+    end
+  end
 end
+for _, field in ipairs(order) do
+  redis.call('HINCRBY', K_COUNT, field, counts[field])
+  redis.call('HINCRBYFLOAT', K_ACC, field, fmt(amounts[field]))
+end
+call_chunked('HSET', K_SIG, sig, 2)
+call_chunked('ZADD', K_EXP, exp, 2)
+call_chunked('SADD', K_GEN, gen, 1)
+call_chunked('SADD', K_AGENTS, agents, 1)
 touch()
-return ids
+return {fmt(NOW), tostring(first), tostring(#records)}
 
 --@@ pressure
 -- ARGV[4] agent ('' with ARGV[5] = '0' means nobody: every signal), ARGV[6] region, ARGV[7..] weights
@@ -198,20 +294,15 @@ local agent, anyone, region = ARGV[4], ARGV[5] == '0', ARGV[6]
 local w = weights_from(7)
 local total = 0
 for t, weight in pairs(w) do
-  if weight ~= 0 then
-    local parts
+  local unit = scale(t)
+  if weight ~= 0 and unit ~= nil then
     if anyone then
-      parts = {{'0' .. SEP .. t .. SEP .. SEP .. region, 1}}
+      local v = acc_values({acc_field('0', t, '', region)})
+      total = total + weight * unit * v[1]
     else
-      parts = {{'1' .. SEP .. t .. SEP .. SEP .. region, 1}, {'2' .. SEP .. t .. SEP .. agent .. SEP .. region, -1},
-               {'3' .. SEP .. t .. SEP .. agent .. SEP .. region, 1}}
-    end
-    for _, part in ipairs(parts) do
-      local raw = redis.call('HGET', K_ACC, part[1])
-      if raw then
-        local S = acc_read(raw, NOW)
-        total = total + part[2] * weight * S
-      end
+      local v = acc_values({acc_field('1', t, '', region), acc_field('2', t, agent, region),
+                            acc_field('3', t, agent, region)})
+      total = total + weight * unit * (v[1] - v[2] + v[3])
     end
   end
 end
@@ -225,7 +316,8 @@ end
 return fmt(total)
 
 --@@ pressures
--- ARGV[4] region, ARGV[5..] weights, then the agents asked for (none: every agent seen)
+-- ARGV[4] region, ARGV[5..] weights, then the agents asked for (none: every agent seen).
+-- One HMGET per type for every agent's sums: cost in proportion to the agents asked about.
 expire(NOW)
 local region = ARGV[4]
 local w, i = weights_from(5)
@@ -233,39 +325,41 @@ local names = {}
 for k = i, #ARGV do names[#names + 1] = ARGV[k] end
 if #names == 0 then names = redis.call('SMEMBERS', K_AGENTS) end
 local public, own = 0, {}
-local flat = redis.call('HGETALL', K_ACC)
-for k = 1, #flat, 2 do
-  local scope, t, who, where = string.match(flat[k], '^(%d)\31([^\31]*)\31([^\31]*)\31(.*)$')
-  local weight = w[t]
-  if weight and weight ~= 0 and where == region and scope ~= '0' then
-    local S = acc_read(flat[k + 1], NOW) * weight
-    if scope == '1' then
-      public = public + S
-    elseif scope == '2' then
-      own[who] = (own[who] or 0) - S
-    else
-      own[who] = (own[who] or 0) + S
+for k = 1, #names do own[k] = 0 end
+for t, weight in pairs(w) do
+  local unit = scale(t)
+  if weight ~= 0 and unit ~= nil then
+    local fields = {acc_field('1', t, '', region)}
+    for _, name in ipairs(names) do
+      fields[#fields + 1] = acc_field('2', t, name, region)
+      fields[#fields + 1] = acc_field('3', t, name, region)
     end
+    local v = acc_values(fields)
+    local f = weight * unit
+    public = public + f * v[1]
+    for k = 1, #names do own[k] = own[k] + f * (v[2 * k + 1] - v[2 * k]) end
   end
 end
+local index = {}
+for k, name in ipairs(names) do index[name] = k end
 for _, r in ipairs(generic_records()) do
   local weight = w[r.type]
   if weight and weight ~= 0 and (region == '' or r.region == region) then
     local v = weight * value(r, NOW)
     if r.target == '' then
       public = public + v
-      own[r.agent] = (own[r.agent] or 0) - v
-    elseif r.target ~= r.agent then
-      own[r.target] = (own[r.target] or 0) + v
+      if index[r.agent] then own[index[r.agent]] = own[index[r.agent]] - v end
+    elseif r.target ~= r.agent and index[r.target] then
+      own[index[r.target]] = own[index[r.target]] + v
     end
   end
 end
 local out = {}
-for _, name in ipairs(names) do
+for k, name in ipairs(names) do
   out[#out + 1] = name
-  out[#out + 1] = fmt(public + (own[name] or 0))
+  out[#out + 1] = fmt(public + own[k])
 end
-return out
+return cjson.encode(out)  -- one string: far cheaper for clients to parse than 2n replies
 
 --@@ select
 -- ARGV[4] id ('' = all), 5 visible_to, 6 agent, 7 exclude agent, 8 region, 9 types ('' = all, else joined by \31)
@@ -315,7 +409,7 @@ for k = 1, #pairs_, 2 do
     local new = r.I * factor
     if new > 1 then new = 1 elseif new < -1 then new = -1 end
     if new ~= r.I then
-      if summed(r) then acc_add(r, (new - r.I) * math.exp(-rate_of(r) * (NOW - r.t0)), 0, NOW) end
+      if summed(r) then acc_add(r, landmark(r, new) - landmark(r, r.I), 0) end
       r.I = new
       r.expiry = r.t0 + lifetime(r)
       local raw = encode(r)

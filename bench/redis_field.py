@@ -1,0 +1,214 @@
+"""Benchmark the Redis backend against the in-memory one, on the same workload in the same run.
+
+    python bench/redis_field.py [--url redis://127.0.0.1:6379/0] [--sizes 1000,10000,100000] [--json OUT]
+
+Without --url (or STIGMERGY_REDIS_URL) it starts its own redis-server on a free port
+(persistence off) and stops it afterwards. Prints, per field size: single deposits/s,
+batched deposits/s (1,000 signals per script call), one agent's read latency, all-agent
+pressure for 1,000 agents, and bytes per signal; the in-memory backend is the reference.
+Targets (issue 3): batched >= 50k/s, all-agent pressure for 1k agents <= 2 ms on loopback,
+one agent's read flat in field size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from stigmergy import ExponentialDecay, InMemoryFieldBackend, PheromoneField
+from stigmergy.backends.redis_backend import RedisFieldBackend
+
+AGENTS = 1000
+BATCH = 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server() -> tuple[str, subprocess.Popen[bytes], str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        sys.exit("redis-server is not installed; pass --url or install it (apt-get install redis-server)")
+    port, directory = _free_port(), tempfile.mkdtemp()
+    proc = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", proc, directory
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], repeats: int) -> list[float]:
+    """Seconds per call, ``repeats`` calls."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+async def fill(field: PheromoneField, count: int, rng: random.Random) -> float:
+    """Deposit ``count`` signals in batches; returns signals per second."""
+    start, done = time.perf_counter(), 0
+    while done < count:
+        n = min(BATCH, count - done)
+        agents = [f"agent-{rng.randrange(AGENTS)}" for _ in range(n)]
+        targets = [None if rng.random() < 0.5 else f"agent-{rng.randrange(AGENTS)}" for _ in range(n)]
+        await field.deposit_many(
+            agents, "work", [rng.uniform(0.1, 1.0) for _ in range(n)], target_agent_ids=targets
+        )
+        done += n
+    return count / (time.perf_counter() - start)
+
+
+async def measure(
+    name: str, field: PheromoneField, sizes: list[int], memory: Callable[[], Awaitable[int]]
+) -> list[dict[str, Any]]:
+    rng = random.Random(1)
+    rows, live = [], 0
+    for size in sizes:
+        batched = await fill(field, size - live, rng)
+        live = size
+        singles = 500
+        start = time.perf_counter()
+        for i in range(singles):
+            target = None if i % 2 else f"agent-{rng.randrange(AGENTS)}"
+            await field.deposit(f"agent-{rng.randrange(AGENTS)}", "work", 0.5, target_agent_id=target)
+        single_rate = singles / (time.perf_counter() - start)
+        live += singles
+        reads = await timed(lambda: field.read_pressure(f"agent-{rng.randrange(AGENTS)}"), 500)
+        everyone = await timed(lambda: field.read_pressures(), 30)
+        rows.append(
+            {
+                "backend": name,
+                "signals": live,
+                "single_deposits_per_s": single_rate,
+                "batched_deposits_per_s": batched,
+                "read_us_median": statistics.median(reads) * 1e6,
+                "read_us_p99": sorted(reads)[int(len(reads) * 0.99) - 1] * 1e6,
+                "all_agents_ms_median": statistics.median(everyone) * 1e3,
+                "bytes_per_signal": await memory() / live,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'backend':8}{'signals':>9}{'deposit/s':>11}{'batched/s':>11}{'read µs':>9}{'p99 µs':>8}"
+        f"{'all 1k ms':>10}{'B/signal':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['backend']:8}{r['signals']:>9,}{r['single_deposits_per_s']:>11,.0f}{r['batched_deposits_per_s']:>11,.0f}"
+            f"{r['read_us_median']:>9.0f}{r['read_us_p99']:>8.0f}{r['all_agents_ms_median']:>10.2f}{r['bytes_per_signal']:>9.0f}"
+        )
+
+
+def print_verdicts(rows: list[dict[str, Any]]) -> None:
+    redis_rows = [r for r in rows if r["backend"] == "redis"]
+    memory_rows = {r["signals"]: r for r in rows if r["backend"] == "memory"}
+    batched = min(r["batched_deposits_per_s"] for r in redis_rows)
+    everyone = max(r["all_agents_ms_median"] for r in redis_rows)
+    reads = [r["read_us_median"] for r in redis_rows]
+    print()
+    print(
+        f"batched deposits >= 50k/s:             {batched:,.0f}/s  {'PASS' if batched >= 50_000 else 'MISS'}"
+    )
+    print(
+        f"all-agent pressure, 1k agents <= 2 ms: {everyone:.2f} ms  {'PASS' if everyone <= 2.0 else 'MISS'}"
+    )
+    flat = max(reads) / min(reads)
+    print(
+        f"one read flat in field size:           {min(reads):.0f}-{max(reads):.0f} µs (x{flat:.2f})  "
+        f"{'PASS' if flat <= 1.5 else 'MISS'}"
+    )
+    for r in redis_rows:
+        m = memory_rows.get(r["signals"])
+        if m:
+            print(
+                f"  {r['signals']:>9,} signals: redis/memory read "
+                f"x{r['read_us_median'] / m['read_us_median']:.0f}, "
+                f"batched x{m['batched_deposits_per_s'] / r['batched_deposits_per_s']:.0f} slower"
+            )
+
+
+async def main() -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default=os.environ.get("STIGMERGY_REDIS_URL"))
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    server = None
+    url = args.url
+    if url is None:
+        url, server, _ = start_server()
+    try:
+        client = Redis.from_url(url)
+        backend = RedisFieldBackend(client, f"bench-{uuid.uuid4().hex}")
+        redis_field = PheromoneField(backend, ExponentialDecay(1e6))
+        rows = await measure("redis", redis_field, sizes, backend.memory_bytes)
+        memory_backend = InMemoryFieldBackend()
+        memory_field = PheromoneField(memory_backend, ExponentialDecay(1e6))
+
+        async def memory_bytes() -> int:
+            return memory_backend.memory_bytes()
+
+        rows += await measure("memory", memory_field, sizes, memory_bytes)
+        await client.delete(*backend._keys, backend._config_key)
+        await client.aclose()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+    print_table(rows)
+    print_verdicts(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    results = asyncio.run(main())
+    if "--json" in sys.argv:
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as out:
+            json.dump(results, out, indent=2)

@@ -1,0 +1,254 @@
+"""What only the Redis backend must do: share a field across processes, survive faults, stay bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+from redis_servers import RedisServer, redis_server
+
+from stigmergy import (
+    BackendUnavailableError,
+    ConfigurationError,
+    ExponentialDecay,
+    InMemoryFieldBackend,
+    LinearDecay,
+    ManualClock,
+    PheromoneField,
+    StepDecay,
+    StochasticDecay,
+    backend_from_url,
+)
+from stigmergy.backends.redis_backend import RedisFieldBackend, redact
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis-py's client is asyncio-only
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this test may restart or break."""
+    with redis_server() as server:
+        yield server
+
+
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+def test_urls_pick_backends_and_redact_passwords() -> None:
+    assert isinstance(backend_from_url("memory://"), InMemoryFieldBackend)
+    backend = backend_from_url("redis://:s3cret@127.0.0.1:6390/2?key_prefix=swarm")
+    assert isinstance(backend, RedisFieldBackend)
+    assert backend._keys[0] == "stigmergy:{swarm}:sig"
+    assert "s3cret" not in backend._description and "***" in backend._description
+    assert redact("redis://user:pw@host:1/0") == "redis://user:***@host:1/0"
+    assert redact("redis://host:1/0") == "redis://host:1/0"
+    with pytest.raises(ConfigurationError, match="memory://"):
+        backend_from_url("postgres://x")
+    with pytest.raises(ConfigurationError, match="braces"):
+        RedisFieldBackend(object(), "a{b}")
+
+
+async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
+    from redis_servers import free_port
+
+    port = free_port()
+    field = PheromoneField(backend_from_url(f"redis://:hunter2@127.0.0.1:{port}/0"))
+    with anyio.fail_after(15), pytest.raises(BackendUnavailableError) as error:
+        await field.read_pressure("a")
+    message = str(error.value)
+    assert f"127.0.0.1:{port}" in message and "***" in message and "hunter2" not in message
+    assert "Check that the server is running" in message
+    await field.aclose()
+
+
+async def test_a_dropped_connection_reconnects_or_fails_fast(client: Redis, redis_url: str) -> None:
+    field = PheromoneField(RedisFieldBackend(Redis.from_url(redis_url), prefix(), owns_client=True))
+    await field.deposit("a", "work", 0.5)
+    await client.client_kill_filter(_type="normal", skipme=True)
+    with anyio.fail_after(15):
+        with contextlib.suppress(BackendUnavailableError):  # allowed once; the next call must reconnect
+            await field.read_pressure("b")
+        assert math.isclose(await field.read_pressure("b"), 0.5, rel_tol=1e-3)
+    await field.aclose()
+
+
+async def test_scripts_reload_after_script_flush(client: Redis) -> None:
+    field = PheromoneField(RedisFieldBackend(client, prefix()), ExponentialDecay(1e6))
+    await field.deposit("a", "work", 0.5)
+    await client.script_flush()
+    await field.deposit("a", "work", 0.25)
+    assert math.isclose(await field.read_pressure("b"), 0.75, rel_tol=1e-6)
+
+
+async def test_a_restart_without_persistence_leaves_an_empty_working_field(own_server: RedisServer) -> None:
+    field = PheromoneField(backend_from_url(own_server.url), ExponentialDecay(1e6))
+    await field.deposit("a", "work", 0.5)
+    own_server.stop()
+    with anyio.fail_after(15), pytest.raises(BackendUnavailableError):
+        await field.read_pressure("b")
+    own_server.start()
+    with anyio.fail_after(15):
+        for _ in range(3):  # the pool may hand out a dead connection once more
+            try:
+                assert await field.read_pressure("b") == 0.0
+                break
+            except BackendUnavailableError:
+                continue
+        assert await field.signal_count() == 0
+        await field.deposit("a", "work", 0.5)
+        assert math.isclose(await field.read_pressure("b"), 0.5, rel_tol=1e-6)
+    await field.aclose()
+
+
+async def test_processes_sharing_a_field_must_share_its_policy() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    name = prefix()
+    await PheromoneField(RedisFieldBackend(client, name), ExponentialDecay(10.0)).read_pressure("a")
+    same = PheromoneField(RedisFieldBackend(client, name), ExponentialDecay(10.0))
+    assert await same.read_pressure("a") == 0.0
+    other = PheromoneField(RedisFieldBackend(client, name), ExponentialDecay(20.0))
+    with pytest.raises(ConfigurationError, match="same decay settings"):
+        await other.read_pressure("a")
+
+
+async def test_strategies_redis_cannot_compute_are_refused() -> None:
+    class Custom:
+        def compute(self, signal: Any, elapsed_seconds: float) -> float:
+            return float(signal.intensity)
+
+    field = PheromoneField(RedisFieldBackend(fakeredis.FakeAsyncRedis(), prefix()), Custom())
+    with pytest.raises(ConfigurationError, match="in-memory backend"):
+        await field.read_pressure("a")
+
+
+async def test_time_comes_from_the_server(client: Redis) -> None:
+    field = PheromoneField(RedisFieldBackend(client, prefix()), ExponentialDecay(3600.0))
+    signal = await field.deposit("a", "work", 0.5)
+    assert abs(signal.deposited_at - time.time()) < 5.0
+    assert abs(await field.now() - time.time()) < 5.0
+
+
+async def test_stochastic_and_linear_decay_in_redis(client: Redis) -> None:
+    clock = ManualClock(1000.0)
+    noisy = StochasticDecay(10.0, noise_factor=0.5)
+    backend = RedisFieldBackend(client, prefix(), clock=clock)
+    field = PheromoneField(backend, ExponentialDecay(10.0), decay_by_type={"n": noisy, "l": LinearDecay(0.1)})
+    await field.deposit_many(["a"] * 50, "n", 0.8)
+    await field.deposit("a", "l", 0.5, target_agent_id="b")
+    clock.advance(4.0)
+    values = [s.intensity for s in await field.read(signal_types=["n"])]
+    assert all(0.8 * 2 ** (-4 / 5) - 1e-12 <= v <= 0.8 * 2 ** (-4 / 15) + 1e-12 for v in values)
+    assert len(set(values)) > 1  # each signal drew its own half-life
+    assert math.isclose(await field.read_pressure("b"), sum(values) + 0.1, rel_tol=1e-9)
+
+
+async def test_memory_is_bounded_under_a_constant_deposit_rate(client: Redis) -> None:
+    clock = ManualClock(1000.0)
+    backend = RedisFieldBackend(client, prefix(), clock=clock, idle_ttl=600)
+    field = PheromoneField(backend, ExponentialDecay(1.0), decay_by_type={"claim": StepDecay(2.0)})
+    sizes = []
+    for round_ in range(12):
+        await field.deposit_many([f"a{i}" for i in range(200)], "work", 0.5, target_agent_ids="t")
+        await field.deposit_many([f"a{i}" for i in range(200)], "claim", 0.5, regions=f"r{round_ % 3}")
+        clock.advance(10.0)
+        await field.decay()
+        sizes.append(
+            (
+                await field.signal_count(),
+                await client.hlen(backend._keys[2]),
+                await client.hlen(backend._keys[3]),
+                await client.zcard(backend._keys[1]),
+            )
+        )
+    assert sizes[-1] == (0, 0, 0, 0)  # no signals, no sums or counts, no expiry entries left
+    ttl = await client.ttl(backend._keys[5])
+    assert 0 < ttl <= 600  # idle keys expire
+
+
+@pytest.mark.slow
+def test_four_processes_deposit_without_losing_an_update(redis_url: str) -> None:
+    processes, deposits, name = 4, 200, prefix()
+    worker = Path(__file__).with_name("redis_worker.py")
+    running = [
+        subprocess.Popen(
+            [sys.executable, str(worker), redis_url, name, str(i), str(deposits), str(processes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    reports = []
+    for proc in running:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    assert all(r["signals"] == processes * (deposits + 1) for r in reports)
+    assert all(r["count"] == processes * deposits * 0.5 for r in reports)  # exact: no lost update
+    fading = [r["fading"] for r in reports]
+    assert all(math.isclose(f, fading[0], rel_tol=1e-6) for f in fading)  # everyone reads the same field
+    assert math.isclose(fading[0], processes * 0.25, rel_tol=1e-4)
+
+
+async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases() -> None:
+    """A one-second half-life over ~20 minutes: without rebasing, the landmark sums would overflow."""
+    clock = ManualClock(1000.0)
+    policy: dict[str, Any] = {
+        "decay_strategy": ExponentialDecay(1.0),
+        "decay_by_type": {"claim": StepDecay(30.0), "slow": ExponentialDecay(60.0)},
+    }
+    redis_field = PheromoneField(
+        RedisFieldBackend(fakeredis.FakeAsyncRedis(), prefix(), clock=clock), **policy
+    )
+    memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), **policy)
+    rng = __import__("random").Random(5)
+    agents = [f"a{i}" for i in range(6)]
+    for step in range(240):
+        state = rng.getstate()
+        for field in (redis_field, memory_field):
+            rng.setstate(state)  # the same deposits on both
+            for _ in range(3):
+                await field.deposit(
+                    rng.choice(agents),
+                    rng.choice(["work", "claim", "slow"]),
+                    rng.uniform(-1.0, 1.0),
+                    target_agent_id=rng.choice([None, *agents]),
+                    region=rng.choice([None, "r1", "r2"]),
+                )
+        clock.advance(rng.choice([0.5, 10.0]))
+        if step % 7 == 0:
+            assert await redis_field.decay() == await memory_field.decay()
+        for agent in [None, *agents]:
+            for region in (None, "r1"):
+                expected = await memory_field.read_pressure(agent, region=region)
+                got = await redis_field.read_pressure(agent, region=region)
+                assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9), (step, agent, region)
+        expected_all = await memory_field.read_pressures(agents)
+        got_all = await redis_field.read_pressures(agents)
+        assert all(math.isclose(got_all[a], expected_all[a], rel_tol=1e-9, abs_tol=1e-9) for a in agents)
+    assert clock() - 1000.0 > 1100  # e^(rate * elapsed) would overflow a double without rebasing
