@@ -279,8 +279,8 @@ class RedisFieldBackend:
 
     async def pressures(self, agent_ids: Sequence[str] | None, query: PressureQuery) -> dict[str, float]:
         reply = await self._run("pressures", query.region or "", *self._weights(query), *(agent_ids or ()))
-        flat = json.loads(reply)
-        return {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+        names, values = json.loads(reply)
+        return dict(zip(names, map(float, values), strict=True)) if names else {}
 
     async def signals(self, selector: SignalFilter) -> list[StoredSignal]:
         return await self._select("", selector)

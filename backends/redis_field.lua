@@ -144,26 +144,60 @@ local function acc_fields(r)
   return fields
 end
 
--- Add amount (landmark form) to one sum; dn changes how many signals it holds.
-local function acc_apply(field, amount, dn)
-  if dn ~= 0 and redis.call('HINCRBY', K_COUNT, field, dn) <= 0 then
-    redis.call('HDEL', K_COUNT, field)
-    redis.call('HDEL', K_ACC, field)
-  elseif amount ~= 0 then
-    redis.call('HINCRBYFLOAT', K_ACC, field, fmt(amount))
-  end
-end
-
-local function acc_add(r, amount, dn)
-  for _, field in ipairs(acc_fields(r)) do acc_apply(field, amount, dn) end
-end
-
 -- One command per chunk of arguments: Lua's unpack() has a stack limit.
 local function call_chunked(command, key, args, width)
   local chunk = 4000 - 4000 % width
   for start = 1, #args, chunk do
     redis.call(command, key, unpack(args, start, math.min(start + chunk - 1, #args)))
   end
+end
+
+local function hmget(key, fields)
+  local out = {}
+  for start = 1, #fields, 4000 do
+    local got = redis.call('HMGET', key, unpack(fields, start, math.min(start + 3999, #fields)))
+    for _, v in ipairs(got) do out[#out + 1] = v end
+  end
+  return out
+end
+
+-- Changes to sums are gathered per field and written once per script, a few commands in all,
+-- however many signals a batch deposits, retires or rescales.
+local CHANGES = {order = {}, amount = {}, count = {}}
+
+-- Add amount (landmark form) to every sum of the signal; dn changes how many signals each holds.
+local function acc_add(r, amount, dn)
+  for _, field in ipairs(acc_fields(r)) do
+    if CHANGES.amount[field] == nil then
+      CHANGES.amount[field], CHANGES.count[field] = 0, 0
+      CHANGES.order[#CHANGES.order + 1] = field
+    end
+    CHANGES.amount[field] = CHANGES.amount[field] + amount
+    CHANGES.count[field] = CHANGES.count[field] + dn
+  end
+end
+
+-- Write the gathered changes; a sum left with no signal is deleted (no rounding residue stays).
+local function acc_flush()
+  local fields = CHANGES.order
+  if #fields == 0 then return end
+  local sums, counts = hmget(K_ACC, fields), hmget(K_COUNT, fields)
+  local set_sums, set_counts, gone = {}, {}, {}
+  for k, field in ipairs(fields) do
+    local n = (tonumber(counts[k]) or 0) + CHANGES.count[field]
+    if n <= 0 then
+      gone[#gone + 1] = field
+    else
+      set_counts[#set_counts + 1], set_counts[#set_counts + 2] = field, n
+      set_sums[#set_sums + 1] = field
+      set_sums[#set_sums + 1] = fmt((tonumber(sums[k]) or 0) + CHANGES.amount[field])
+    end
+  end
+  call_chunked('HSET', K_ACC, set_sums, 2)
+  call_chunked('HSET', K_COUNT, set_counts, 2)
+  call_chunked('HDEL', K_ACC, gone, 1)
+  call_chunked('HDEL', K_COUNT, gone, 1)
+  CHANGES = {order = {}, amount = {}, count = {}}
 end
 
 -- The values of many fields of the acc hash, in order (0 where absent).
@@ -176,31 +210,38 @@ local function acc_values(fields)
   return out
 end
 
-local function forget(id, r, now, live)
-  if live and summed(r) then acc_add(r, -landmark(r, r.I), -1) end
-  redis.call('HDEL', K_SIG, id)
-  redis.call('ZREM', K_EXP, id)
-  if not summed(r) then redis.call('SREM', K_GEN, id) end
+-- Delete signals (ids with their records; false records are ids already gone) and take them out
+-- of their sums. Returns how many existed.
+local function forget(ids, raws)
+  local existing, generic = {}, {}
+  for k, id in ipairs(ids) do
+    if raws[k] then
+      local r = decode(raws[k])
+      existing[#existing + 1] = id
+      if summed(r) then acc_add(r, -landmark(r, r.I), -1) else generic[#generic + 1] = id end
+    end
+  end
+  acc_flush()
+  call_chunked('HDEL', K_SIG, existing, 1)
+  call_chunked('ZREM', K_EXP, ids, 1)
+  call_chunked('SREM', K_GEN, generic, 1)
+  return #existing
 end
 
 -- Retire every signal whose evaporation time has come: readings never include them.
 local function expire(now)
   local due = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now))
-  local retired = 0
-  for _, id in ipairs(due) do
-    local raw = redis.call('HGET', K_SIG, id)
-    if raw then
-      forget(id, decode(raw), now, true)
-      retired = retired + 1
-    else
-      redis.call('ZREM', K_EXP, id)
-    end
-  end
+  if #due == 0 then return end
+  local retired = forget(due, hmget(K_SIG, due))
   if retired > 0 then redis.call('INCRBY', K_EVAP, retired) end
 end
 
+-- Keep every key IDLE_TTL from expiring; a key's expiry is rewritten only once it has run down
+-- by 1% (or the key is new), so most writes cost reads, not replicated EXPIREs.
 local function touch()
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
+  for i = 1, #KEYS do
+    if redis.call('TTL', KEYS[i]) < IDLE_TTL * 0.99 then redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
+  end
 end
 
 local function visible_to(r, agent)
@@ -242,7 +283,7 @@ end
 expire(NOW)
 local records = cjson.decode(ARGV[4])
 local first = redis.call('INCRBY', K_SEQ, #records) - #records + 1
-local sig, exp, gen, agents, seen, amounts, counts, order, checked = {}, {}, {}, {}, {}, {}, {}, {}, {}
+local sig, exp, gen, agents, seen, checked = {}, {}, {}, {}, {}, {}
 for k, rec in ipairs(records) do
   local r = {agent = rec[1], type = rec[2], I = rec[3], target = rec[4], region = rec[5], kind = rec[6],
              param = rec[7], names = rec[8], t0 = NOW}
@@ -258,14 +299,7 @@ for k, rec in ipairs(records) do
     checked[r.type] = true
   end
   if summed(r) then
-    local amount = landmark(r, r.I)
-    for _, field in ipairs(acc_fields(r)) do
-      if amounts[field] == nil then
-        amounts[field], counts[field] = 0, 0
-        order[#order + 1] = field
-      end
-      amounts[field], counts[field] = amounts[field] + amount, counts[field] + 1
-    end
+    acc_add(r, landmark(r, r.I), 1)
   else
     gen[#gen + 1] = id
   end
@@ -276,10 +310,7 @@ for k, rec in ipairs(records) do
     end
   end
 end
-for _, field in ipairs(order) do
-  redis.call('HINCRBY', K_COUNT, field, counts[field])
-  redis.call('HINCRBYFLOAT', K_ACC, field, fmt(amounts[field]))
-end
+acc_flush()
 call_chunked('HSET', K_SIG, sig, 2)
 call_chunked('ZADD', K_EXP, exp, 2)
 call_chunked('SADD', K_GEN, gen, 1)
@@ -354,12 +385,10 @@ for _, r in ipairs(generic_records()) do
     end
   end
 end
-local out = {}
-for k, name in ipairs(names) do
-  out[#out + 1] = name
-  out[#out + 1] = fmt(public + own[k])
-end
-return cjson.encode(out)  -- one string: far cheaper for clients to parse than 2n replies
+local values = {}
+for k = 1, #names do values[k] = public + own[k] end
+-- One string, far cheaper to parse than 2n replies; cjson keeps 14 significant digits.
+return cjson.encode({names, values})
 
 --@@ select
 -- ARGV[4] id ('' = all), 5 visible_to, 6 agent, 7 exclude agent, 8 region, 9 types ('' = all, else joined by \31)
@@ -421,6 +450,7 @@ for k = 1, #pairs_, 2 do
     end
   end
 end
+acc_flush()
 expire(NOW)  -- a signal rescaled under the threshold goes now
 touch()
 out[#out + 1] = fmt(NOW)
@@ -431,15 +461,14 @@ return out
 expire(NOW)
 local agent, region = ARGV[4], ARGV[5]
 local flat = redis.call('HGETALL', K_SIG)
-local removed = 0
+local ids, raws = {}, {}
 for k = 1, #flat, 2 do
   local r = decode(flat[k + 1])
   if (agent == '' or r.agent == agent) and (region == '' or r.region == region) then
-    forget(flat[k], r, NOW, true)
-    removed = removed + 1
+    ids[#ids + 1], raws[#raws + 1] = flat[k], flat[k + 1]
   end
 end
-return removed
+return forget(ids, raws)
 
 --@@ evaporate
 expire(NOW)
