@@ -267,6 +267,14 @@ local function weights_from(i)
   return w, i + 2 + 2 * n
 end
 
+-- Flat id, record pairs: one signal (only = its id) or all of them (only = '').
+local function stored(only)
+  if only == '' then return redis.call('HGETALL', K_SIG) end
+  local raw = redis.call('HGET', K_SIG, only)
+  if raw then return {only, raw} end
+  return {}
+end
+
 local function generic_records()
   local out = {}
   for _, id in ipairs(redis.call('SMEMBERS', K_GEN)) do
@@ -399,13 +407,7 @@ if types ~= '' then
   wanted = {}
   for t in string.gmatch(types, '([^\31]+)') do wanted[t] = true end
 end
-local pairs_ = {}
-if only ~= '' then
-  local raw = redis.call('HGET', K_SIG, only)
-  if raw then pairs_ = {only, raw} end
-else
-  pairs_ = redis.call('HGETALL', K_SIG)
-end
+local pairs_ = stored(only)
 local out = {}
 for k = 1, #pairs_, 2 do
   local r = decode(pairs_[k + 1])
@@ -424,13 +426,7 @@ return out
 -- ARGV[4] factor, 5 id ('' = by region/type), 6 region, 7 type; returns changed signals as select does
 expire(NOW)
 local factor, only, region, kind_of = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local pairs_ = {}
-if only ~= '' then
-  local raw = redis.call('HGET', K_SIG, only)
-  if raw then pairs_ = {only, raw} end
-else
-  pairs_ = redis.call('HGETALL', K_SIG)
-end
+local pairs_ = stored(only)
 local out = {}
 for k = 1, #pairs_, 2 do
   local id, r = pairs_[k], decode(pairs_[k + 1])

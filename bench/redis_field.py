@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,45 +29,10 @@ from redis.asyncio import Redis
 
 from stigmergy import ExponentialDecay, InMemoryFieldBackend, PheromoneField
 from stigmergy.backends.redis_backend import RedisFieldBackend
+from stigmergy.redis_servers import redis_server
 
 AGENTS = 1000
 BATCH = 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server() -> tuple[str, subprocess.Popen[bytes], str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        sys.exit("redis-server is not installed; pass --url or install it (apt-get install redis-server)")
-    port, directory = _free_port(), tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            directory,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0", proc, directory
 
 
 async def timed(fn: Callable[[], Awaitable[Any]], repeats: int) -> list[float]:
@@ -246,36 +208,35 @@ async def main() -> list[dict[str, Any]]:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    server = None
-    url = args.url
-    if url is None:
-        url, server, _ = start_server()
-    try:
-        client = Redis.from_url(url)
-        backend = RedisFieldBackend(client, f"bench-{uuid.uuid4().hex}")
-        redis_field = PheromoneField(backend, ExponentialDecay(1e6))
-        rows = await measure("redis", redis_field, sizes, backend.memory_bytes)
-        memory_backend = InMemoryFieldBackend()
-        memory_field = PheromoneField(memory_backend, ExponentialDecay(1e6))
-
-        async def memory_bytes() -> int:
-            return memory_backend.memory_bytes()
-
-        rows += await measure("memory", memory_field, sizes, memory_bytes)
-        naive = NaiveRedisField(client, f"bench-naive-{uuid.uuid4().hex}", 1e6)
-
-        async def naive_bytes() -> int:
-            return int(await client.memory_usage(naive.key, samples=0) or 0)
-
-        rows += await measure("naive", naive, sizes, naive_bytes, reads=10)
-        await client.delete(*backend._keys, backend._config_key, naive.key)
-        await client.aclose()
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(redis_server()).url
+        rows = await run(url, sizes)
     print_table(rows)
     print_verdicts(rows)
+    return rows
+
+
+async def run(url: str, sizes: list[int]) -> list[dict[str, Any]]:
+    """The same workload on our Redis field, the in-memory one and the naive Redis design."""
+    client = Redis.from_url(url)
+    backend = RedisFieldBackend(client, f"bench-{uuid.uuid4().hex}")
+    redis_field = PheromoneField(backend, ExponentialDecay(1e6))
+    rows = await measure("redis", redis_field, sizes, backend.memory_bytes)
+    memory_backend = InMemoryFieldBackend()
+    memory_field = PheromoneField(memory_backend, ExponentialDecay(1e6))
+
+    async def memory_bytes() -> int:
+        return memory_backend.memory_bytes()
+
+    rows += await measure("memory", memory_field, sizes, memory_bytes)
+    naive = NaiveRedisField(client, f"bench-naive-{uuid.uuid4().hex}", 1e6)
+
+    async def naive_bytes() -> int:
+        return int(await client.memory_usage(naive.key, samples=0) or 0)
+
+    rows += await measure("naive", naive, sizes, naive_bytes, reads=10)
+    await client.delete(*backend._keys, backend._config_key, naive.key)
+    await client.aclose()
     return rows
 
 

@@ -17,7 +17,6 @@ import anyio
 import fakeredis
 import pytest
 from redis.asyncio import Redis
-from redis_servers import RedisServer, redis_server
 
 from stigmergy import (
     BackendUnavailableError,
@@ -32,6 +31,7 @@ from stigmergy import (
     backend_from_url,
 )
 from stigmergy.backends.redis_backend import RedisFieldBackend, redact
+from stigmergy.redis_servers import RedisServer, free_port, redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -74,8 +74,6 @@ def test_urls_pick_backends_and_redact_passwords() -> None:
 
 
 async def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
-    from redis_servers import free_port
-
     port = free_port()
     field = PheromoneField(backend_from_url(f"redis://:hunter2@127.0.0.1:{port}/0"))
     with anyio.fail_after(15), pytest.raises(BackendUnavailableError) as error:

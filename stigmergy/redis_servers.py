@@ -1,11 +1,12 @@
-"""Real Redis servers for tests: started on free 127.0.0.1 ports, persistence off, stopped after.
+"""Throwaway redis-server processes for tests and benchmarks.
 
-Under ``CI=true`` a missing ``redis-server`` is a failure, never a skip.
+Each listens on a free 127.0.0.1 port with persistence off and is stopped on exit,
+so tests never touch a Redis they did not start. Needs ``redis-server`` (and
+``redis-cli`` for a cluster) on the PATH; :class:`ConfigurationError` says when they are not.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from stigmergy.errors import ConfigurationError
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -38,12 +39,6 @@ def free_port() -> int:
         if _is_free(port) and _is_free(port + 10000):
             return port
     raise RuntimeError("no free port pair found in 20000-55000")
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must run the real-Redis tests (.ci/run installs redis-server)")
-    pytest.skip(reason)
 
 
 def wait_for_ping(port: int, timeout: float = 10.0) -> None:
@@ -102,7 +97,7 @@ class RedisServer:
 @contextmanager
 def redis_server() -> Iterator[RedisServer]:
     if REDIS_SERVER is None:
-        unavailable("redis-server is not installed")
+        raise ConfigurationError("redis-server is not installed (apt-get install redis-server)")
     with tempfile.TemporaryDirectory() as directory:
         server = RedisServer(free_port(), Path(directory))
         server.start()
@@ -116,7 +111,9 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_cluster(nodes: int = 3) -> Iterator[str]:
     """A real cluster of ``nodes`` masters; yields a ``redis+cluster://`` URL."""
     if REDIS_SERVER is None or REDIS_CLI is None:
-        unavailable("redis-server and redis-cli are needed for the cluster tests")
+        raise ConfigurationError(
+            "redis-server and redis-cli are needed for a cluster (apt-get install redis-server)"
+        )
     assert REDIS_CLI is not None
     with tempfile.TemporaryDirectory() as directory:
         servers = []
