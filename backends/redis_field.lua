@@ -125,7 +125,7 @@ local function landmark(r, intensity)
 end
 
 local function acc_field(scope, signal_type, agent, region)
-  return string.format('%s\31%s\31%s\31%s', scope, signal_type, agent, region)
+  return scope .. '\31' .. signal_type .. '\31' .. agent .. '\31' .. region  -- cheaper than format
 end
 
 local function acc_fields(r)
