@@ -38,7 +38,7 @@ from stigmergy.decay import (
     StochasticDecay,
 )
 from stigmergy.errors import BackendError, BackendUnavailableError, ConfigurationError
-from stigmergy.signal import Signal
+from stigmergy.signal import Signal, check_intensity, check_name
 
 try:
     from redis import exceptions as redis_errors
@@ -210,14 +210,8 @@ class RedisFieldBackend:
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        signal = Signal(
-            agent_id=agent_id,
-            signal_type=signal_type,
-            intensity=intensity,
-            metadata=metadata,
-            target_agent_id=target_agent_id,
-            region=region,
-        )
+        check_intensity(intensity)  # refuse before anything reaches Redis
+        check_name(signal_type, "signal_type")
         record = self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
         reply = await self._run("deposit", json.dumps([record]))
         now = float(_text(reply[0]))
@@ -225,7 +219,7 @@ class RedisFieldBackend:
             id=_text(reply[1]),
             agent_id=agent_id,
             signal_type=signal_type,
-            intensity=signal.intensity,
+            intensity=intensity,
             metadata=metadata,
             created_at=datetime.fromtimestamp(now, tz=UTC),
             target_agent_id=target_agent_id,
