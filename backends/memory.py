@@ -39,7 +39,7 @@ from stigmergy.backends.protocol import (
 from stigmergy.clock import Clock, monotonic_clock
 from stigmergy.decay import DecayPolicy, DecayStrategy, ExponentialDecay, StepDecay
 from stigmergy.errors import BackendError, ConfigurationError, FieldCapacityError
-from stigmergy.signal import Signal, check_intensity, check_name
+from stigmergy.signal import Signal
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -383,8 +383,6 @@ class InMemoryFieldBackend:
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        check_intensity(intensity)  # before any name is interned or row taken: a refusal leaves no trace
-        check_name(signal_type, "signal_type")
         now = self._clock()
         agent = self._agents.intern(agent_id)
         target = self._agents.intern(target_agent_id)

@@ -94,7 +94,8 @@ class FieldBackend(Protocol):
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        """Store one validated signal and return it with its id and deposit time."""
+        """Store one signal, already validated by the field (nothing invalid reaches a backend),
+        and return it with its id and deposit time."""
 
     async def deposit_many(self, batch: DepositBatch) -> int:
         """Store many validated signals at once; returns how many were stored."""

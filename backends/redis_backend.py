@@ -38,7 +38,7 @@ from stigmergy.decay import (
     StochasticDecay,
 )
 from stigmergy.errors import BackendError, BackendUnavailableError, ConfigurationError
-from stigmergy.signal import Signal, check_intensity, check_name
+from stigmergy.signal import Signal
 
 try:
     from redis import exceptions as redis_errors
@@ -210,8 +210,6 @@ class RedisFieldBackend:
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        check_intensity(intensity)  # refuse before anything reaches Redis
-        check_name(signal_type, "signal_type")
         record = self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
         reply = await self._run("deposit", json.dumps([record]))
         now = float(_text(reply[0]))

@@ -32,7 +32,7 @@ from stigmergy.backends.protocol import (
 )
 from stigmergy.decay import DecayPolicy, DecayStrategy, StepDecay
 from stigmergy.errors import InvalidSignalError
-from stigmergy.signal import Signal, check_metadata, check_name
+from stigmergy.signal import Signal, check_intensity, check_metadata, check_name
 
 #: Intensity under which a signal is gone (the stigmergy-scheduler default).
 EVAPORATION_THRESHOLD = 0.01
@@ -172,8 +172,8 @@ class PheromoneField:
         backend = await self._ready()
         return await backend.deposit(
             check_name(agent_id, "agent_id"),  # type: ignore[arg-type]
-            signal_type,
-            intensity,
+            check_name(signal_type, "signal_type"),  # type: ignore[arg-type]
+            check_intensity(intensity),
             check_metadata(metadata),
             check_name(target_agent_id, "target_agent_id", optional=True),
             check_name(region, "region", optional=True),
