@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from stigmergy.errors import ConfigurationError
@@ -24,6 +25,15 @@ class ManualClock:
 
     def __init__(self, start: float = 0.0) -> None:
         self._now = float(start)
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever time moves (a scheduler waiting on this clock wakes)."""
+        self._listeners.append(listener)
+
+    def _moved(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def __call__(self) -> float:
         return self._now
@@ -33,6 +43,7 @@ class ManualClock:
         if not seconds >= 0:
             raise ConfigurationError(f"a clock only moves forward; got advance({seconds!r})")
         self._now += seconds
+        self._moved()
         return self._now
 
     def set(self, now: float) -> None:
@@ -40,3 +51,4 @@ class ManualClock:
         if not now >= self._now:
             raise ConfigurationError(f"a clock only moves forward; {now!r} < {self._now!r}")
         self._now = float(now)
+        self._moved()

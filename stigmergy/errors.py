@@ -6,8 +6,13 @@
     ├── InvalidSignalError      (also ValueError)  bad intensity, type, metadata, factor
     ├── ConfigurationError      (also ValueError)  bad decay parameters, thresholds, URLs
     ├── FieldCapacityError                         more agents, types or regions than a field indexes
-    └── BackendError                               a backend could not do what was asked
-        └── BackendUnavailableError                the backend's server cannot be reached
+    ├── BackendError                               a backend could not do what was asked
+    │   └── BackendUnavailableError                the backend's server cannot be reached
+    └── TaskError                                  a task or task graph the scheduler cannot run
+        ├── InvalidTaskError    (also ValueError)  bad id, priority, attempts, timeout, threshold
+        ├── DuplicateTaskError                     a task id that is already scheduled
+        ├── UnknownDependencyError                 a dependency no task provides
+        └── DependencyCycleError                   dependencies that wait on each other
 
 Catch ``StigmergyError`` to handle all of them; the multiple bases let existing
 ``except ValueError`` code keep working.
@@ -38,3 +43,23 @@ class BackendError(StigmergyError):
 
 class BackendUnavailableError(BackendError):
     """The backend's server cannot be reached; the message names it (password redacted) and what to check."""
+
+
+class TaskError(StigmergyError):
+    """The scheduler cannot accept or run a task (graph): the message names the task(s) and the fix."""
+
+
+class InvalidTaskError(TaskError, ValueError):
+    """A task specification is malformed (empty id, priority out of [0, 1], ...)."""
+
+
+class DuplicateTaskError(TaskError):
+    """A task id was added twice; ids name tasks uniquely within one scheduler."""
+
+
+class UnknownDependencyError(TaskError):
+    """Tasks depend on ids that no task provides, so they could never start."""
+
+
+class DependencyCycleError(TaskError):
+    """Dependencies form a cycle, so none of the tasks on it could ever start."""

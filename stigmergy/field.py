@@ -16,7 +16,7 @@ plus batch deposits, many agents' pressure in one call, and :meth:`explain`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,9 @@ MAX_AMPLIFICATION = 3.0
 #: Types that persist for a run (step decay) unless configured otherwise.
 PERSISTENT_SIGNAL_TYPES = frozenset({"task_complete"})
 PERSISTENT_TTL_SECONDS = 3600.0
+
+#: Told which regions a change touched (None: any); see :meth:`PheromoneField.on_change`.
+ChangeListener = Callable[[frozenset[str] | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,21 @@ class PheromoneField:
         self._max_amplification = _factor(max_amplification)
         self._backend: FieldBackend = backend if backend is not None else InMemoryFieldBackend()
         self._bound = False
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener(regions)`` after every change made through this object.
+
+        ``regions`` holds the regions the change touched (empty: only region-less
+        signals), or is None when any region may have changed. This is how a
+        scheduler in the same process wakes at once on a deposit; changes made by
+        other processes on a shared field are seen at the next read instead.
+        """
+        self._listeners.append(listener)
+
+    def _changed(self, regions: frozenset[str] | None) -> None:
+        for listener in self._listeners:
+            listener(regions)
 
     @property
     def backend(self) -> FieldBackend:
@@ -170,7 +188,7 @@ class PheromoneField:
     ) -> Signal:
         """Deposit one signal; raises :class:`InvalidSignalError` for bad input (never clamps)."""
         backend = await self._ready()
-        return await backend.deposit(
+        signal = await backend.deposit(
             check_name(agent_id, "agent_id"),  # type: ignore[arg-type]
             check_name(signal_type, "signal_type"),  # type: ignore[arg-type]
             check_intensity(intensity),
@@ -178,6 +196,9 @@ class PheromoneField:
             check_name(target_agent_id, "target_agent_id", optional=True),
             check_name(region, "region", optional=True),
         )
+        if self._listeners:
+            self._changed(frozenset() if region is None else frozenset((region,)))
+        return signal
 
     async def deposit_many(
         self,
@@ -226,7 +247,10 @@ class PheromoneField:
                 check_name(name, what, optional=optional)
         metas = None if metadata is None else [check_metadata(m) for m in _column(metadata, n, "metadata")]
         batch = DepositBatch(agents, types, values, targets, places, metas)
-        return await (await self._ready()).deposit_many(batch)
+        count = await (await self._ready()).deposit_many(batch)
+        if self._listeners:
+            self._changed(frozenset(p for p in places if p is not None))
+        return count
 
     async def inhibit(
         self,
@@ -252,6 +276,8 @@ class PheromoneField:
         backend = await self._ready()
         changed = await backend.rescale(factor, signal_id=signal_id)
         if changed:
+            region = changed[0].signal.region
+            self._changed(frozenset() if region is None else frozenset((region,)))
             return self._current(changed[0])
         stored = await backend.get(signal_id)
         return None if stored is None else self._current(stored)
@@ -260,6 +286,7 @@ class PheromoneField:
         """Positive feedback: amplify every signal at ``region`` (of one type); returns how many changed."""
         factor = min(_factor(factor), self._max_amplification)
         changed = await (await self._ready()).rescale(factor, region=region, signal_type=signal_type)
+        self._changed(frozenset((region,)))
         return len(changed)
 
     async def decay(self) -> int:
@@ -271,11 +298,15 @@ class PheromoneField:
 
     async def clear_agent(self, agent_id: str) -> int:
         """Remove every signal ``agent_id`` deposited; returns how many."""
-        return await (await self._ready()).remove(agent_id=agent_id)
+        removed = await (await self._ready()).remove(agent_id=agent_id)
+        self._changed(None)
+        return removed
 
     async def clear_region(self, region: str) -> int:
         """Remove every signal at ``region``; returns how many."""
-        return await (await self._ready()).remove(region=region)
+        removed = await (await self._ready()).remove(region=region)
+        self._changed(frozenset((region,)))
+        return removed
 
     # -- reading ---------------------------------------------------------------------
 
