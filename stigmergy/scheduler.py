@@ -190,6 +190,7 @@ class StigmergyScheduler:
         self._stopping = False
         self._drained: anyio.Event | None = None
         self._background: asyncio.Task[RunSummary] | None = None
+        self._failure: Exception | None = None
 
     # -- the stigmergy-scheduler API ----------------------------------------------------
 
@@ -242,7 +243,9 @@ class StigmergyScheduler:
         With no task added yet it waits for one. Raises
         :class:`~stigmergy.errors.UnknownDependencyError` at once for dependencies no
         task provides, and later if the loop goes idle for a tick with tasks still
-        waiting on such ids.
+        waiting on such ids. An error in the loop or the field (a backend that
+        went away, say) cancels running attempts and is raised as itself, not
+        wrapped in an exception group.
         """
         if self._dispatcher is None:
             raise ConfigurationError("no dispatcher: call set_dispatcher(fn) before run()")
@@ -250,15 +253,21 @@ class StigmergyScheduler:
             raise ConfigurationError("this scheduler is already running")
         self._graph.check_resolved()
         self._stopping = False
+        self._failure = None
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
-                await self._loop()
-                await self._drain()
+                try:
+                    await self._loop()
+                    await self._drain()
+                except Exception as exc:
+                    self._failure = exc
                 task_group.cancel_scope.cancel()
         finally:
             self._task_group = None
             self._events.close()
+        if self._failure is not None:
+            raise self._failure
         return RunSummary(
             {task_id: r.outcome() for task_id, r in self._graph.tasks.items()},
             stopped=not self._graph.all_final,
@@ -512,6 +521,14 @@ class StigmergyScheduler:
 
     async def _work(self, record: TaskRecord | None) -> None:
         """Run an attempt, then carry on with the next one it unblocked (no task spawned for it)."""
+        try:
+            await self._work_from(record)
+        except Exception as exc:  # the field failed under us: end the run with this error
+            self._failure = self._failure or exc
+            assert self._task_group is not None
+            self._task_group.cancel_scope.cancel()
+
+    async def _work_from(self, record: TaskRecord | None) -> None:
         while record is not None:
             await self._attempt(record)
             begun = await self._decide()
