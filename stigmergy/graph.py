@@ -143,8 +143,7 @@ class TaskGraph:
         return None
 
     def take(self, record: TaskRecord) -> None:
-        """Remove ``record`` (the top of its agent's heap) from the ready queue."""
-        heapq.heappop(self._ready[record.spec.agent_id])
+        """Remove ``record`` from its agent's ready queue (its heap entry goes stale)."""
         record.version += 1
 
     def agents_with_ready(self) -> Iterator[str]:

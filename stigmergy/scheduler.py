@@ -23,10 +23,14 @@ catches changes other processes made to a shared field.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +42,11 @@ import numpy as np
 from stigmergy.backends.memory import InMemoryFieldBackend
 from stigmergy.clock import Clock, ManualClock, monotonic_clock
 from stigmergy.decay import ExponentialDecay
-from stigmergy.errors import ConfigurationError
+from stigmergy.errors import ConfigurationError, TaskError
 from stigmergy.events import EventBus, TaskEvent
 from stigmergy.field import PheromoneField
 from stigmergy.graph import TaskGraph, TaskRecord
+from stigmergy.ledger import LedgerEntry, TaskLedger
 from stigmergy.tasks import (
     AgentDispatcher,
     DispatchResult,
@@ -123,6 +128,11 @@ class StigmergyScheduler:
     - ``stop_grace``: seconds :meth:`stop` lets running attempts finish.
     - ``clock``: what waits are measured on (a :class:`ManualClock` in tests).
     - ``event_log``: a file that receives every :class:`TaskEvent` as a JSON line.
+    - ``ledger``: a shared :class:`~stigmergy.ledger.TaskLedger` (with a Redis
+      field, a :class:`~stigmergy.backends.redis_ledger.RedisTaskLedger`): schedulers
+      in many processes then share one task set. Each attempt holds a ``lease``
+      (seconds, renewed while it runs) under ``worker_id`` (default: host, pid and
+      a random suffix); a task whose worker dies is taken over when its lease ends.
     """
 
     def __init__(
@@ -143,6 +153,9 @@ class StigmergyScheduler:
         stop_grace: float = 10.0,
         clock: Clock | None = None,
         event_log: str | Path | None = None,
+        ledger: TaskLedger | None = None,
+        worker_id: str | None = None,
+        lease: float = 30.0,
     ) -> None:
         self._tick_interval = _positive(tick_interval, "tick_interval")
         self._wake_threshold = _fraction(wake_threshold, "wake_threshold")
@@ -191,6 +204,11 @@ class StigmergyScheduler:
         self._drained: anyio.Event | None = None
         self._background: asyncio.Task[RunSummary] | None = None
         self._failure: Exception | None = None
+        self._ledger = ledger
+        self._claiming = 0  # claims in flight (each holds a slot)
+        self._worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease = _positive(lease, "lease")
+        self.takeovers: dict[str, str] = {}  # task id -> the dead worker this one took it over from
 
     # -- the stigmergy-scheduler API ----------------------------------------------------
 
@@ -224,6 +242,13 @@ class StigmergyScheduler:
         ``add_task`` calls lands as a whole.
         """
         check_task(task)
+        if self._ledger is not None:
+            await self._ledger.publish(task.id, dataclasses.asdict(task))
+            if task.id in self._graph.tasks:
+                return  # another worker published the same task first
+        self._add(task)
+
+    def _add(self, task: TaskSpec) -> None:
         now = self._clock()
         record = self._graph.add(task, now)
         self._agent(task.agent_id)
@@ -257,6 +282,8 @@ class StigmergyScheduler:
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
+                if self._ledger is not None:
+                    task_group.start_soon(self._guarded, self._follow, self._ledger)
                 try:
                     await self._loop()
                     await self._drain()
@@ -422,7 +449,7 @@ class StigmergyScheduler:
         agent = self._agents[agent_id]
         if agent.running >= agent.concurrency or self._stopping:
             return False
-        if self._max_concurrency is not None and len(self._running) >= self._max_concurrency:
+        if self._max_concurrency is not None and len(self._running) + self._claiming >= self._max_concurrency:
             self._capped[agent_id] = None
             return False
         return True
@@ -444,8 +471,11 @@ class StigmergyScheduler:
             pressure = graph.pressure_without_field(record, now) + field_term
             threshold = self._threshold(record)
             if pressure >= threshold - _EPSILON:
-                self._begin(record, pressure, now)
-                begun.append(record)
+                if self._ledger is None:
+                    self._begin(record, pressure, now)
+                    begun.append(record)
+                else:
+                    await self._claim(self._ledger, record, pressure, begun)
             elif field_term < 0:
                 graph.take(record)  # held back by inhibition: let the agent's next task go meanwhile
                 self._held.add(record.spec.id)
@@ -454,6 +484,80 @@ class StigmergyScheduler:
                 crossing = now + (threshold - pressure) / self._aging_rate
                 self._alarm(crossing, "agent", agent_id)
                 return
+
+    async def _claim(
+        self, ledger: TaskLedger, record: TaskRecord, pressure: float, begun: list[TaskRecord]
+    ) -> None:
+        """With a shared ledger, an attempt begins only once this worker holds the task's lease.
+
+        While the claim is in flight the task is off its queue and its agent's slot
+        is reserved, so no other evaluation in this process can claim it too.
+        """
+        task_id, agent = record.spec.id, self._agents[record.spec.agent_id]
+        self._graph.take(record)
+        agent.running += 1
+        self._claiming += 1
+        try:
+            claim = await ledger.claim(task_id, self._worker_id, self._lease)
+        finally:
+            agent.running -= 1
+            self._claiming -= 1
+        if claim.kind == "final":
+            self._apply_outcome(task_id, claim.status, claim.payload)
+        elif record.status is not TaskStatus.READY:  # it ended elsewhere while we asked
+            if claim.kind == "granted":
+                await ledger.release(task_id, self._worker_id)
+        elif claim.kind == "busy":  # another worker runs it: look again when its lease would end
+            self._held.add(task_id)
+            self._alarm(self._clock() + claim.retry_after + 0.01, "held", task_id)
+        else:
+            record.attempts = claim.attempt - 1
+            now = self._clock()
+            if claim.taken_over_from is not None:
+                self.takeovers[task_id] = claim.taken_over_from
+                message = f"worker {claim.taken_over_from!r} died mid-attempt (its lease ran out); taken over"
+                logger.warning("task %r: %s", task_id, message)
+                self._emit("task_retried", record, now, error=message)
+            self._begin(record, pressure, now)
+            begun.append(record)
+
+    def _apply_outcome(self, task_id: str, status: str | None, payload: Any) -> None:
+        """Another worker ended a task: complete it (freeing its dependents) or fail it here too."""
+        record = self._graph.tasks.get(task_id)
+        if record is None or record.status.final or record.status is TaskStatus.RUNNING:
+            return  # unknown yet, already known, or our own attempt that will settle itself
+        self._held.discard(task_id)
+        if status == "completed":
+            for dependent in self._graph.complete(record, payload, self._clock()):
+                self._dirty[dependent.spec.agent_id] = None
+        else:
+            self._graph.fail(record, str(payload))
+        self._poke()
+
+    async def _follow(self, ledger: TaskLedger) -> None:
+        """Apply what other workers publish: new tasks, and outcomes that free our dependents."""
+        async for entry in ledger.watch():
+            self._apply_entry(entry)
+
+    def _apply_entry(self, entry: LedgerEntry) -> None:
+        if entry.kind != "spec":
+            self._apply_outcome(entry.task_id, entry.kind, entry.payload)
+        elif entry.task_id not in self._graph.tasks:
+            try:
+                spec = TaskSpec(**entry.payload)
+                check_task(spec)
+                self._add(spec)
+            except (TypeError, TaskError) as exc:
+                logger.error("skipping task %r from the shared ledger: %s", entry.task_id, exc)
+
+    async def _renew(self, ledger: TaskLedger, task_id: str, scope: anyio.CancelScope) -> None:
+        """Keep the lease of a running attempt alive (every third of the lease)."""
+        with scope:
+            while True:
+                await anyio.sleep(self._lease / 3)
+                if not await ledger.renew(task_id, self._worker_id, self._lease):
+                    logger.warning("task %r: lost its lease (another worker may run it too)", task_id)
+                    return
 
     def _threshold(self, record: TaskRecord) -> float:
         if record.spec.wake_threshold is not None:
@@ -517,18 +621,21 @@ class StigmergyScheduler:
 
     def _spawn(self, record: TaskRecord) -> None:
         assert self._task_group is not None
-        self._task_group.start_soon(self._work, record, name=f"stigmergy task {record.spec.id}")
+        self._task_group.start_soon(
+            self._guarded, self._work, record, name=f"stigmergy task {record.spec.id}"
+        )
 
-    async def _work(self, record: TaskRecord | None) -> None:
-        """Run an attempt, then carry on with the next one it unblocked (no task spawned for it)."""
+    async def _guarded(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a background part of the run; its error (the field or ledger failed) ends the run."""
         try:
-            await self._work_from(record)
-        except Exception as exc:  # the field failed under us: end the run with this error
+            await work(*args)
+        except Exception as exc:
             self._failure = self._failure or exc
             assert self._task_group is not None
             self._task_group.cancel_scope.cancel()
 
-    async def _work_from(self, record: TaskRecord | None) -> None:
+    async def _work(self, record: TaskRecord | None) -> None:
+        """Run an attempt, then carry on with the next one it unblocked (no task spawned for it)."""
         while record is not None:
             await self._attempt(record)
             begun = await self._decide()
@@ -538,18 +645,29 @@ class StigmergyScheduler:
             await anyio.lowlevel.checkpoint()  # instant dispatchers must not starve the loop
         self._poke()  # let the loop see whether the run is over
 
+    async def _call(self, spec: TaskSpec) -> Any:
+        """The dispatcher's answer; with a ledger, the lease is renewed while it works."""
+        assert self._dispatcher is not None and self._task_group is not None
+        if self._ledger is None:
+            return await self._dispatcher(spec.agent_id, spec)
+        renewal = anyio.CancelScope()
+        self._task_group.start_soon(self._guarded, self._renew, self._ledger, spec.id, renewal)
+        try:
+            return await self._dispatcher(spec.agent_id, spec)
+        finally:
+            renewal.cancel()
+
     async def _attempt(self, record: TaskRecord) -> None:
-        assert self._dispatcher is not None
         spec = record.spec
         timeout = spec.timeout if spec.timeout is not None else self._timeout
         result: Any = None
         error: str | None = None
         try:
             if timeout is None:
-                result = await self._dispatcher(spec.agent_id, spec)
+                result = await self._call(spec)
             else:
                 with anyio.move_on_after(timeout) as scope:
-                    result = await self._dispatcher(spec.agent_id, spec)
+                    result = await self._call(spec)
                 if scope.cancelled_caught:
                     error = f"timed out after {timeout:g}s (attempt {record.attempts})"
             error = error or _result_error(result)
@@ -560,6 +678,9 @@ class StigmergyScheduler:
             error = f"{type(exc).__name__}: {exc}"
         except BaseException:
             self._interrupted(record)
+            if self._ledger is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self._ledger.release(spec.id, self._worker_id)
             raise
         await self._settle(record, result, error)
 
@@ -582,7 +703,10 @@ class StigmergyScheduler:
 
     async def _settle(self, record: TaskRecord, result: Any, error: str | None) -> None:
         spec = record.spec
+        ledger, worker = self._ledger, self._worker_id
         if error is None:
+            if ledger is not None:
+                await ledger.finish(spec.id, worker, "completed", result.output)
             now = self._clock()
             self._metrics.total_completions += 1
             freed = self._graph.complete(record, result.output, now)
@@ -608,12 +732,16 @@ class StigmergyScheduler:
                     target_agent_id=spec.agent_id,
                     region=spec.id,
                 )
+            if ledger is not None:
+                await ledger.release(spec.id, worker)
             now = self._clock()
             self._metrics.total_retries += 1
             self._graph.retry(record, now)
             self._emit("task_retried", record, now, error=error)
         else:
             logger.warning("task %r failed for good after %d attempt(s): %s", spec.id, record.attempts, error)
+            if ledger is not None:
+                await ledger.finish(spec.id, worker, "failed", error)
             now = self._clock()
             cancelled = self._graph.fail(record, error)
             self._emit("task_failed", record, now, error=error)
