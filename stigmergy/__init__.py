@@ -10,6 +10,9 @@ request) acts when the pressure it feels crosses its threshold.
     pressure = await field.read_pressure("agent-2")
 """
 
+import importlib
+from typing import Any
+
 from stigmergy.backends import (
     FieldBackend,
     InMemoryFieldBackend,
@@ -91,3 +94,21 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: Need the ``redis`` extra, so they load on first use: ``from stigmergy import RedisFieldBackend``.
+_REDIS_NAMES = {
+    "RedisFieldBackend": "stigmergy.backends.redis_backend",
+    "RedisTaskLedger": "stigmergy.backends.redis_ledger",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REDIS_NAMES:
+        try:
+            module = importlib.import_module(_REDIS_NAMES[name])
+        except ImportError as exc:
+            raise ImportError(
+                f"{name} needs the redis extra: pip install 'stigmergy-field[redis]' ({exc})"
+            ) from exc
+        return getattr(module, name)
+    raise AttributeError(f"module 'stigmergy' has no attribute {name!r}")

@@ -12,7 +12,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_quick_start_runs_and_prints_the_documented_pressure(capsys: pytest.CaptureFixture[str]) -> None:
-    [code] = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     lines = capsys.readouterr().out.splitlines()
     assert float(lines[0]) == pytest.approx(0.3, rel=1e-3)  # real clock: a few ms of decay
@@ -20,6 +20,13 @@ def test_quick_start_runs_and_prints_the_documented_pressure(capsys: pytest.Capt
         {"planner": -0.5, "coder": 0.3, "monitor": 0.0}, rel=1e-3
     )
     assert lines[2].startswith("pressure on agent 'coder'")
+
+
+def test_scheduler_example_runs_and_prints_what_the_readme_says(capsys: pytest.CaptureFixture[str]) -> None:
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[1]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out.strip()
+    assert f"prints `{printed}`" in README
 
 
 def test_setup_commands_are_the_two_documented() -> None:

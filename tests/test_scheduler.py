@@ -631,3 +631,21 @@ async def test_dispatch_is_a_coroutine_function_protocol() -> None:
     scheduler.set_dispatcher(dispatch)
     with pytest.raises(ConfigurationError, match="async callable"):
         scheduler.set_dispatcher("not callable")  # type: ignore[arg-type]
+
+
+async def test_code_written_for_stigmergy_scheduler_passes_its_own_field() -> None:
+    from stigmergy import ExponentialDecay, InMemoryFieldBackend, PheromoneField, RedisFieldBackend
+
+    assert RedisFieldBackend.__name__ == "RedisFieldBackend"  # exported at the top, as there
+    clock = ManualClock()
+    field = PheromoneField(InMemoryFieldBackend(clock=clock), ExponentialDecay(half_life_seconds=300.0))
+    scheduler = StigmergyScheduler(tick_interval=0.5, wake_threshold=0.4, field=field, clock=clock)
+    assert scheduler.field is field
+    recorder = Recorder(clock)
+    recorder.failures["t"] = 1
+    scheduler.set_dispatcher(recorder)
+    await scheduler.add_task(TaskSpec("t", "", "a"))
+    async with running(scheduler) as result:
+        clock.advance(backoff_end(0.5, 0.4, 0.02, 0.5, 1.0) + 0.01)  # the back-off keeps its own half-life
+        await settle()
+        assert result and result[0].ok
