@@ -267,8 +267,8 @@ class StigmergyScheduler:
 
         With no task added yet it waits for one. Raises
         :class:`~stigmergy.errors.UnknownDependencyError` at once for dependencies no
-        task provides, and later if the loop goes idle for a tick with tasks still
-        waiting on such ids. An error in the loop or the field (a backend that
+        task provides (with a ledger: once the loop has been idle for a tick with
+        tasks still waiting on such ids, since other workers may publish them). An error in the loop or the field (a backend that
         went away, say) cancels running attempts and is raised as itself, not
         wrapped in an exception group.
         """
@@ -276,7 +276,8 @@ class StigmergyScheduler:
             raise ConfigurationError("no dispatcher: call set_dispatcher(fn) before run()")
         if self._task_group is not None:
             raise ConfigurationError("this scheduler is already running")
-        self._graph.check_resolved()
+        if self._ledger is None:  # with a ledger, other workers may still publish them
+            self._graph.check_resolved()
         self._stopping = False
         self._failure = None
         try:
