@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -49,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 _KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents")
 _SEP = "\x1f"
+_LAYOUT = 2  # of records and sums in redis_field.lua: a field written with another is refused
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
@@ -98,7 +100,8 @@ def _spec(strategy: DecayStrategy) -> tuple[str, float]:
 
 
 def _describe(policy: DecayPolicy) -> str:
-    """A canonical text of the policy: every process sharing a field must present the same one."""
+    """A canonical text of the policy and storage layout: every process sharing a field must
+    present the same one."""
 
     def one(strategy: DecayStrategy) -> list[Any]:
         kind, param = _spec(strategy)
@@ -107,12 +110,50 @@ def _describe(policy: DecayPolicy) -> str:
 
     return json.dumps(
         {
+            "layout": _LAYOUT,
             "threshold": policy.evaporation_threshold,
             "default": one(policy.default),
             "by_type": {name: one(s) for name, s in sorted(policy.by_type.items())},
         },
         sort_keys=True,
     )
+
+
+def _lifetime(kind: str, param: float, magnitude: float, threshold: float) -> float:
+    """Seconds until a signal's value falls under the threshold: lifetime() of redis_field.lua."""
+    if magnitude < threshold:
+        return 0.0
+    if kind == "s":
+        return param
+    if kind == "l":
+        return (magnitude - threshold) / param
+    return math.log(magnitude / threshold) / param
+
+
+def _add_to_sums(
+    sums: dict[str, list[float]],
+    signal_type: str,
+    agent: str,
+    target: str | None,
+    region: str | None,
+    intensity: float,
+) -> None:
+    """Add one summed signal to ``sums`` (field -> [amount, count]), with the sum fields of
+    redis_field.lua: 0 every signal, 1 untargeted ones, n the agent's net."""
+    for place in ("", region) if region else ("",):
+        tail = f"{signal_type}{_SEP}{place}"
+        changes = [(f"0{_SEP}{tail}", intensity)]
+        if target is None:
+            changes += ((f"1{_SEP}{tail}", intensity), (f"n{_SEP}{tail}{_SEP}{agent}", -intensity))
+        elif target != agent:
+            changes.append((f"n{_SEP}{tail}{_SEP}{target}", intensity))
+        for field, amount in changes:
+            entry = sums.get(field)
+            if entry is None:
+                sums[field] = [amount, 1]
+            else:
+                entry[0] += amount
+                entry[1] += 1
 
 
 class RedisFieldBackend:
@@ -187,7 +228,7 @@ class RedisFieldBackend:
             raise ConfigurationError(
                 f"this field ({self._keys[0].rsplit(':', 1)[0]}) is shared with a policy different from "
                 f"this process's: stored {stored}, here {described}. Use the same decay settings in every "
-                "process, or another key_prefix"
+                "process (and the same stigmergy version: the layout is part of it), or another key_prefix"
             )
         self._policy = policy
         self._threshold = repr(policy.evaporation_threshold)
@@ -210,8 +251,10 @@ class RedisFieldBackend:
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        record = self._record(agent_id, signal_type, intensity, target_agent_id, region, metadata)
-        reply = await self._run("deposit", json.dumps([record]))
+        argument = self._deposits(
+            [agent_id], [signal_type], [float(intensity)], [target_agent_id], [region], [metadata]
+        )
+        reply = await self._run("deposit", argument)
         now = float(_text(reply[0]))
         return Signal(
             id=_text(reply[1]),
@@ -228,22 +271,18 @@ class RedisFieldBackend:
     async def deposit_many(self, batch: DepositBatch) -> int:
         if len(batch) == 0:
             return 0
-        metadata: list[dict[str, Any] | None] = [None] * len(batch)
+        metadata: Sequence[dict[str, Any] | None] = [None] * len(batch)
         if batch.metadata is not None:
-            metadata = list(batch.metadata)
-        records = [
-            self._record(agent, kind, intensity, target, region, meta)
-            for agent, kind, intensity, target, region, meta in zip(
-                batch.agent_ids,
-                batch.signal_types,
-                batch.intensities.tolist(),
-                batch.target_agent_ids,
-                batch.regions,
-                metadata,
-                strict=True,
-            )
-        ]
-        reply = await self._run("deposit", json.dumps(records))
+            metadata = batch.metadata
+        argument = self._deposits(
+            batch.agent_ids,
+            batch.signal_types,
+            batch.intensities.tolist(),
+            batch.target_agent_ids,
+            batch.regions,
+            metadata,
+        )
+        reply = await self._run("deposit", argument)
         return int(_text(reply[2]))
 
     async def rescale(
@@ -271,8 +310,20 @@ class RedisFieldBackend:
 
     async def pressures(self, agent_ids: Sequence[str] | None, query: PressureQuery) -> dict[str, float]:
         reply = await self._run("pressures", query.region or "", *self._weights(query), *(agent_ids or ()))
-        names, values = json.loads(reply)
-        return dict(zip(names, map(float, values), strict=True)) if names else {}
+        listed = _text(reply[0])
+        names = list(agent_ids) if agent_ids else listed.split(_SEP) if listed else []
+        if not names:
+            return {}
+        totals = np.zeros(len(names))
+        for i in range(2, len(reply), 3):  # per type: factor, sum 1, every agent's net sum
+            nets = np.array(_text(reply[i + 2]).split(_SEP), dtype=np.float64)
+            totals += float(reply[i]) * (float(reply[i + 1]) + nets)
+        generic = reply[1]  # signals evaluated one by one: for all, then per position
+        if generic:
+            totals += float(generic[0])
+            for j in range(1, len(generic), 2):
+                totals[int(generic[j]) - 1] += float(generic[j + 1])
+        return dict(zip(names, totals.tolist(), strict=True))
 
     async def signals(self, selector: SignalFilter) -> list[StoredSignal]:
         return await self._select("", selector)
@@ -298,32 +349,71 @@ class RedisFieldBackend:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _record(
+    def _deposits(
         self,
-        agent: str,
-        signal_type: str,
-        intensity: float,
-        target: str | None,
-        region: str | None,
-        metadata: dict[str, Any] | None,
-    ) -> list[Any]:
-        """One signal as the deposit script reads it (numbers stay numbers: JSON keeps all 17 digits)."""
-        kind, param = self._spec_of(signal_type)
-        if kind == "x":  # stochastic: each signal draws its own half-life once
-            strategy = self._policy.strategy(signal_type) if self._policy else None
-            assert isinstance(strategy, StochasticDecay)
-            salt = np.frombuffer(self._salt(8), dtype=np.uint64)
-            param = math.log(2.0) / float(strategy.half_lives(salt)[0])
-        meta = json.dumps(metadata, allow_nan=False) if metadata else ""
-        names = json.dumps([agent, signal_type, target or "", region or "", meta])
-        return [agent, signal_type, float(intensity), target or "", region or "", kind, param, names]
+        agents: Sequence[str],
+        signal_types: Sequence[str],
+        intensities: Sequence[float],
+        targets: Sequence[str | None],
+        regions: Sequence[str | None],
+        metadata: Sequence[dict[str, Any] | None],
+    ) -> str:
+        """The deposit script's argument (described in redis_field.lua): records, lifetimes and the
+        batch's sums per field are made here, because this process's time is its own while the
+        script's is taken from every client of the field."""
+        threshold = self._bound().evaporation_threshold
+        specs = {name: self._spec_of(name) for name in dict.fromkeys(signal_types)}
+        draws = {
+            name: iter(self._draw(name, count))
+            for name, count in Counter(signal_types).items()
+            if specs[name][0] == "x"
+        }
+        records: list[str] = []
+        lifetimes: list[float] = []
+        generic: list[int] = []
+        sums: dict[str, dict[str, list[float]]] = {name: {} for name in specs}
+        for position, (agent, name, intensity, target, region, meta) in enumerate(
+            zip(agents, signal_types, intensities, targets, regions, metadata, strict=True), 1
+        ):
+            kind, param = specs[name]
+            if kind == "x":
+                param = next(draws[name])
+            life = _lifetime(kind, param, abs(intensity), threshold)
+            records.append(
+                f"{intensity!r}{_SEP}{life!r}{_SEP}{kind}{_SEP}{param!r}{_SEP}{agent}{_SEP}{name}{_SEP}"
+                f"{target or ''}{_SEP}{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
+            )
+            lifetimes.append(life)
+            if kind in "es":
+                _add_to_sums(sums[name], name, agent, target, region, intensity)
+            else:
+                generic.append(position)
+        types = []
+        for name, fields in sums.items():
+            kind, param = specs[name]
+            group: list[Any] = [name, param if kind == "e" else 0.0]
+            for field, (amount, count) in fields.items():
+                group += (field, amount, count)
+            types.append(group)
+        names = list({*agents, *(target for target in targets if target is not None)})
+        return json.dumps([records, lifetimes, generic, names, types])
+
+    def _draw(self, signal_type: str, count: int) -> list[float]:
+        """Decay rates for ``count`` new stochastic signals: each draws its own half-life once."""
+        strategy = self._bound().strategy(signal_type)
+        assert isinstance(strategy, StochasticDecay)
+        salts = np.frombuffer(self._salt(8 * count), dtype=np.uint64)
+        return [math.log(2.0) / half_life for half_life in strategy.half_lives(salts).tolist()]
+
+    def _bound(self) -> DecayPolicy:
+        if self._policy is None:
+            raise BackendError("the backend is not bound to a field; use it through PheromoneField")
+        return self._policy
 
     def _spec_of(self, signal_type: str) -> tuple[str, float]:
         spec = self._specs.get(signal_type)
         if spec is None:
-            if self._policy is None:
-                raise BackendError("the backend is not bound to a field; use it through PheromoneField")
-            spec = self._specs[signal_type] = _spec(self._policy.strategy(signal_type))
+            spec = self._specs[signal_type] = _spec(self._bound().strategy(signal_type))
         return spec
 
     @staticmethod
@@ -355,8 +445,8 @@ class RedisFieldBackend:
     def _stored(reply: list[Any]) -> list[StoredSignal]:
         out = []
         for i in range(0, len(reply) - 1, 3):
-            intensity, t0, expiry, _kind, _param, names = _text(reply[i + 1]).split("|", 5)
-            agent, signal_type, target, region, meta = json.loads(names)
+            fields = _text(reply[i + 1]).split(_SEP)
+            intensity, life, _kind, _param, agent, signal_type, target, region, meta, t0 = fields
             deposited = float(t0)
             signal = Signal(
                 id=_text(reply[i]),
@@ -369,12 +459,12 @@ class RedisFieldBackend:
                 region=region or None,
                 deposited_at=deposited,
             )
-            out.append(StoredSignal(signal, float(_text(reply[i + 2])), float(expiry)))
+            out.append(StoredSignal(signal, float(_text(reply[i + 2])), deposited + float(life)))
         return out
 
     async def _run(self, name: str, *args: str) -> Any:
-        if name != "now" and self._policy is None:
-            raise BackendError("the backend is not bound to a field; use it through PheromoneField")
+        if name != "now":
+            self._bound()
         now = "" if self._clock is None else repr(float(self._clock()))
         argv = [now, self._threshold or "0.01", self._idle_ttl, *args]
         try:

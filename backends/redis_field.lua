@@ -1,9 +1,9 @@
 -- stigmergy field scripts for Redis. Each script is this prelude plus one body.
 --
 -- KEYS (all share one hash tag, so they live in one cluster slot):
---   1 sig     hash  id -> "I|t0|expiry|kind|param|" .. cjson([agent, type, target, region, meta])
---   2 exp     zset  id -> expiry (every signal; retired when expiry <= now)
---   3 acc     hash  scope \31 type \31 agent \31 region -> A, a sum of 'e' and 's' signals in landmark form
+--   1 sig     hash  id -> record: I \31 lifetime \31 kind \31 param \31 agent \31 type \31 target \31 region \31 meta \31 t0
+--   2 exp     zset  id -> expiry = t0 + lifetime (every signal; retired when expiry <= now)
+--   3 acc     hash  sum field (below) -> A, a sum of 'e' and 's' signals in landmark form
 --   4 count   hash  same fields -> how many live signals the sum holds (at 0 the sum is dropped)
 --   5 gen     set   ids of signals evaluated one by one ('l' linear, 'x' own-rate exponential)
 --   6 seq     string  id counter
@@ -12,13 +12,26 @@
 --   9 agents  set   agents seen (depositors and targets)
 -- ARGV[1] = now ('' = the server's TIME), ARGV[2] = evaporation threshold, ARGV[3] = idle TTL (s).
 --
+-- Records and sum fields join their parts with \31, which no part contains (names are printable,
+-- JSON escapes control characters). Absent target, region and metadata are ''.
+-- Sum fields, for region '' (every region) and for the signal's own region if it has one:
+--   0 \31 type \31 region            every signal
+--   1 \31 type \31 region            untargeted signals
+--   n \31 type \31 region \31 agent  what the agent feels beyond sum 1: signals targeted at it by
+--                                    another agent, minus its own untargeted ones
+-- so an agent feels unit * (sum1 + net), everyone together unit * sum0: one agent's reading reads
+-- two fields, every agent's one field each. RedisFieldBackend._deposits builds the same fields.
+--
 -- Landmark form: a sum of type t is stored as A = sum of I_i * e^(rate * (t_i - epoch_t)), so it is
 -- worth A * e^(-rate * (now - epoch_t)) now. A deposit adds a constant, a retirement subtracts the
 -- very same constant, a reading multiplies once per type: no per-sum exponentials, no parsing.
 -- Before e^(rate * (now - epoch)) grows past e^REBASE, every sum of the type is rescaled to epoch = now.
 -- Kinds: e = exponential (param: rate), s = step (param: ttl), l = linear (param: rate per s),
 --        x = exponential with its own rate, not summed (stochastic decay draws one per signal).
--- Scopes: 0 any signal, 1 untargeted, 2 untargeted from agent, 3 targeted at agent (by another).
+--
+-- Cost: on a slow core a redis.call costs ~3 us and a number formatted in Lua ~1 us, so scripts work
+-- per batch, not per signal, and hand numbers to redis.call as numbers: Redis writes them with 17
+-- significant digits (exact) in C.
 
 local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -36,16 +49,19 @@ local REBASE = 100
 
 local function fmt(x) return string.format('%.17g', x) end
 
+local RECORD = '^' .. string.rep('([^\31]*)\31', 9) .. '(.*)$'
+
 local function decode(raw)
-  local I, t0, expiry, kind, param, rest = string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-  local names = cjson.decode(rest)
-  return {I = tonumber(I), t0 = tonumber(t0), expiry = tonumber(expiry), kind = kind, param = tonumber(param),
-          agent = names[1], type = names[2], target = names[3], region = names[4], meta = names[5]}
+  local I, life, kind, param, agent, t, target, region, meta, t0 = string.match(raw, RECORD)
+  local r = {I = tonumber(I), life = tonumber(life), kind = kind, param = tonumber(param), agent = agent,
+             type = t, target = target, region = region, meta = meta, t0 = tonumber(t0)}
+  r.expiry = r.t0 + r.life
+  return r
 end
 
 local function encode(r)
-  local names = r.names or cjson.encode({r.agent, r.type, r.target, r.region, r.meta})
-  return string.format('%.17g|%.17g|%.17g|%s|%.17g|%s', r.I, r.t0, r.expiry, r.kind, r.param, names)
+  return table.concat({fmt(r.I), fmt(r.life), r.kind, fmt(r.param), r.agent, r.type, r.target, r.region,
+                       r.meta, fmt(r.t0)}, '\31')
 end
 
 local function rate_of(r)
@@ -69,13 +85,34 @@ local function value(r, now)
   return r.I * math.exp(-r.param * age)
 end
 
--- Age at which |value| falls under the threshold.
+-- Age at which |value| falls under the threshold (RedisFieldBackend computes it for deposits).
 local function lifetime(r)
   local m = math.abs(r.I)
   if m < THRESHOLD then return 0 end
   if r.kind == 's' then return r.param end
   if r.kind == 'l' then return (m - THRESHOLD) / r.param end
   return math.log(m / THRESHOLD) / r.param
+end
+
+-- One command per chunk of arguments: Lua's unpack() has a stack limit.
+local function call_chunked(command, key, args, width)
+  local chunk = 4000 - 4000 % width
+  for start = 1, #args, chunk do
+    redis.call(command, key, unpack(args, start, math.min(start + chunk - 1, #args)))
+  end
+end
+
+local function hmget(key, fields)
+  if #fields <= 4000 then
+    if #fields == 0 then return {} end
+    return redis.call('HMGET', key, unpack(fields))
+  end
+  local out = {}
+  for start = 1, #fields, 4000 do
+    local got = redis.call('HMGET', key, unpack(fields, start, math.min(start + 3999, #fields)))
+    for _, v in ipairs(got) do out[#out + 1] = v end
+  end
+  return out
 end
 
 local TYPES = {}  -- type -> {rate, epoch}, read once per script
@@ -105,12 +142,14 @@ local function scale(t)
   if info == nil then return nil end
   if info[1] * (NOW - info[2]) > REBASE then
     local factor = math.exp(-info[1] * (NOW - info[2]))
-    local flat = redis.call('HGETALL', K_ACC)
+    local flat, rescaled = redis.call('HGETALL', K_ACC), {}
     for k = 1, #flat, 2 do
-      if string.match(flat[k], '^%d\31([^\31]*)\31') == t then
-        redis.call('HSET', K_ACC, flat[k], fmt(tonumber(flat[k + 1]) * factor))
+      if string.match(flat[k], '^[^\31]*\31([^\31]*)') == t then
+        rescaled[#rescaled + 1] = flat[k]
+        rescaled[#rescaled + 1] = tonumber(flat[k + 1]) * factor
       end
     end
+    call_chunked('HSET', K_ACC, rescaled, 2)
     info[2] = NOW
     redis.call('HSET', K_TYPES, t, fmt(info[1]) .. '|' .. fmt(NOW))
   end
@@ -124,90 +163,61 @@ local function landmark(r, intensity)
   return intensity * math.exp(rate * (r.t0 - type_info(r.type)[2]))
 end
 
-local function acc_field(scope, signal_type, agent, region)
-  return scope .. '\31' .. signal_type .. '\31' .. agent .. '\31' .. region  -- cheaper than format
-end
-
-local function acc_fields(r)
-  local fields = {}
-  local regions = {''}
-  if r.region ~= '' then regions[2] = r.region end
-  for _, region in ipairs(regions) do
-    fields[#fields + 1] = acc_field('0', r.type, '', region)
-    if r.target == '' then
-      fields[#fields + 1] = acc_field('1', r.type, '', region)
-      fields[#fields + 1] = acc_field('2', r.type, r.agent, region)
-    elseif r.target ~= r.agent then
-      fields[#fields + 1] = acc_field('3', r.type, r.target, region)
-    end
-  end
-  return fields
-end
-
--- One command per chunk of arguments: Lua's unpack() has a stack limit.
-local function call_chunked(command, key, args, width)
-  local chunk = 4000 - 4000 % width
-  for start = 1, #args, chunk do
-    redis.call(command, key, unpack(args, start, math.min(start + chunk - 1, #args)))
-  end
-end
-
-local function hmget(key, fields)
-  local out = {}
-  for start = 1, #fields, 4000 do
-    local got = redis.call('HMGET', key, unpack(fields, start, math.min(start + 3999, #fields)))
-    for _, v in ipairs(got) do out[#out + 1] = v end
-  end
-  return out
-end
-
--- Changes to sums are gathered per field and written once per script, a few commands in all,
--- however many signals a batch deposits, retires or rescales.
-local CHANGES = {order = {}, amount = {}, count = {}}
-
--- Add amount (landmark form) to every sum of the signal; dn changes how many signals each holds.
-local function acc_add(r, amount, dn)
-  for _, field in ipairs(acc_fields(r)) do
-    if CHANGES.amount[field] == nil then
-      CHANGES.amount[field], CHANGES.count[field] = 0, 0
-      CHANGES.order[#CHANGES.order + 1] = field
-    end
-    CHANGES.amount[field] = CHANGES.amount[field] + amount
-    CHANGES.count[field] = CHANGES.count[field] + dn
-  end
-end
-
--- Write the gathered changes; a sum left with no signal is deleted (no rounding residue stays).
-local function acc_flush()
-  local fields = CHANGES.order
+-- Add amounts[k] to sum fields[k] and counts[k] to how many signals it holds, a few commands for
+-- any number of fields; a sum left with no signal is deleted (no rounding residue stays).
+local function acc_write(fields, amounts, counts)
   if #fields == 0 then return end
-  local sums, counts = hmget(K_ACC, fields), hmget(K_COUNT, fields)
+  local sums, held = hmget(K_ACC, fields), hmget(K_COUNT, fields)
   local set_sums, set_counts, gone = {}, {}, {}
   for k, field in ipairs(fields) do
-    local n = (tonumber(counts[k]) or 0) + CHANGES.count[field]
+    local n = (tonumber(held[k]) or 0) + counts[k]
     if n <= 0 then
       gone[#gone + 1] = field
     else
-      set_counts[#set_counts + 1], set_counts[#set_counts + 2] = field, n
-      set_sums[#set_sums + 1] = field
-      set_sums[#set_sums + 1] = fmt((tonumber(sums[k]) or 0) + CHANGES.amount[field])
+      local j = #set_sums
+      set_sums[j + 1], set_sums[j + 2] = field, (tonumber(sums[k]) or 0) + amounts[k]
+      set_counts[j + 1], set_counts[j + 2] = field, n
     end
   end
   call_chunked('HSET', K_ACC, set_sums, 2)
   call_chunked('HSET', K_COUNT, set_counts, 2)
   call_chunked('HDEL', K_ACC, gone, 1)
   call_chunked('HDEL', K_COUNT, gone, 1)
-  CHANGES = {order = {}, amount = {}, count = {}}
 end
 
--- The values of many fields of the acc hash, in order (0 where absent).
-local function acc_values(fields)
-  local out = {}
-  for start = 1, #fields, 4000 do
-    local got = redis.call('HMGET', K_ACC, unpack(fields, start, math.min(start + 3999, #fields)))
-    for _, v in ipairs(got) do out[#out + 1] = tonumber(v) or 0 end
+-- Changes to sums made one signal at a time (retirement, rescale), gathered per field.
+local CHANGES = {fields = {}, amount = {}, count = {}}
+
+local function change(field, amount, dn)
+  local before = CHANGES.amount[field]
+  if before == nil then
+    CHANGES.fields[#CHANGES.fields + 1] = field
+    CHANGES.amount[field], CHANGES.count[field] = amount, dn
+  else
+    CHANGES.amount[field], CHANGES.count[field] = before + amount, CHANGES.count[field] + dn
   end
-  return out
+end
+
+-- Add amount (landmark form) to every sum of the signal; dn changes how many signals each holds.
+local function acc_add(r, amount, dn)
+  local regions = r.region == '' and 1 or 2
+  for pass = 1, regions do
+    local tail = r.type .. '\31' .. (pass == 1 and '' or r.region)
+    change('0\31' .. tail, amount, dn)
+    if r.target == '' then
+      change('1\31' .. tail, amount, dn)
+      change('n\31' .. tail .. '\31' .. r.agent, -amount, dn)
+    elseif r.target ~= r.agent then
+      change('n\31' .. tail .. '\31' .. r.target, amount, dn)
+    end
+  end
+end
+
+local function acc_flush()
+  local fields, amounts, counts = CHANGES.fields, {}, {}
+  for k, field in ipairs(fields) do amounts[k], counts[k] = CHANGES.amount[field], CHANGES.count[field] end
+  acc_write(fields, amounts, counts)
+  CHANGES = {fields = {}, amount = {}, count = {}}
 end
 
 -- Delete signals (ids with their records; false records are ids already gone) and take them out
@@ -285,46 +295,45 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4]: JSON array of records [agent, type, intensity, target, region, kind, param, names-json],
--- names-json being the record's cjson part, [agent, type, target, region, meta-json], made by the client.
--- Sums are updated once per distinct accumulator, however many signals of the batch it takes.
+-- ARGV[4]: JSON [records, lifetimes, generic, names, types] from RedisFieldBackend._deposits, so that
+-- this script, which every client of the field waits on, parses and formats nothing per signal:
+--   records    each signal's record up to its deposit time (appended here)
+--   lifetimes  each signal's lifetime (s): it evaporates at now + lifetime
+--   generic    the positions (from 1) of the signals evaluated one by one ('l', 'x')
+--   names      the agents the batch names, depositors and targets, each once
+--   types      per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
+--              changes to each sum field, amounts being sums of intensities (landmark form is made here)
 expire(NOW)
-local records = cjson.decode(ARGV[4])
-local first = redis.call('INCRBY', K_SEQ, #records) - #records + 1
-local sig, exp, gen, agents, seen, checked = {}, {}, {}, {}, {}, {}
-for k, rec in ipairs(records) do
-  local r = {agent = rec[1], type = rec[2], I = rec[3], target = rec[4], region = rec[5], kind = rec[6],
-             param = rec[7], names = rec[8], t0 = NOW}
-  r.expiry = NOW + lifetime(r)
-  local id = tostring(first + k - 1)
-  sig[#sig + 1] = id
-  sig[#sig + 1] = encode(r)
-  exp[#exp + 1] = fmt(r.expiry)
-  exp[#exp + 1] = id
-  if not checked[r.type] then
-    register_type(r.type, summed(r) and rate_of(r) or 0)
-    scale(r.type)  -- rebase first if due, so the landmark constant stays small
-    checked[r.type] = true
-  end
-  if summed(r) then
-    acc_add(r, landmark(r, r.I), 1)
-  else
-    gen[#gen + 1] = id
-  end
-  for _, name in ipairs({r.agent, r.target}) do
-    if name ~= '' and not seen[name] then
-      seen[name] = true
-      agents[#agents + 1] = name
-    end
+local batch = cjson.decode(ARGV[4])
+local records, lifetimes, generic, names, types = batch[1], batch[2], batch[3], batch[4], batch[5]
+local n = #records
+local first = redis.call('INCRBY', K_SEQ, n) - n + 1
+local stamp = '\31' .. fmt(NOW)
+local sig, exp, gen = {}, {}, {}
+for k = 1, n do
+  local id = first + k - 1
+  sig[2 * k - 1], sig[2 * k] = id, records[k] .. stamp
+  exp[2 * k - 1], exp[2 * k] = NOW + lifetimes[k], id
+end
+for k, position in ipairs(generic) do gen[k] = first + position - 1 end
+local fields, amounts, counts = {}, {}, {}
+for _, group in ipairs(types) do
+  local t, rate = group[1], group[2]
+  register_type(t, rate)
+  scale(t)  -- rebase first if due, so the landmark constant stays small
+  local landmark_now = math.exp(rate * (NOW - TYPES[t][2]))
+  for j = 3, #group, 3 do
+    local k = #fields + 1
+    fields[k], amounts[k], counts[k] = group[j], group[j + 1] * landmark_now, group[j + 2]
   end
 end
-acc_flush()
+acc_write(fields, amounts, counts)
 call_chunked('HSET', K_SIG, sig, 2)
 call_chunked('ZADD', K_EXP, exp, 2)
 call_chunked('SADD', K_GEN, gen, 1)
-call_chunked('SADD', K_AGENTS, agents, 1)
+call_chunked('SADD', K_AGENTS, names, 1)
 touch()
-return {fmt(NOW), tostring(first), tostring(#records)}
+return {fmt(NOW), fmt(first), n}
 
 --@@ pressure
 -- ARGV[4] agent ('' with ARGV[5] = '0' means nobody: every signal), ARGV[6] region, ARGV[7..] weights
@@ -335,13 +344,12 @@ local total = 0
 for t, weight in pairs(w) do
   local unit = scale(t)
   if weight ~= 0 and unit ~= nil then
+    local tail = t .. '\31' .. region
     if anyone then
-      local v = acc_values({acc_field('0', t, '', region)})
-      total = total + weight * unit * v[1]
+      total = total + weight * unit * (tonumber(redis.call('HGET', K_ACC, '0\31' .. tail)) or 0)
     else
-      local v = acc_values({acc_field('1', t, '', region), acc_field('2', t, agent, region),
-                            acc_field('3', t, agent, region)})
-      total = total + weight * unit * (v[1] - v[2] + v[3])
+      local v = redis.call('HMGET', K_ACC, '1\31' .. tail, 'n\31' .. tail .. '\31' .. agent)
+      total = total + weight * unit * ((tonumber(v[1]) or 0) + (tonumber(v[2]) or 0))
     end
   end
 end
@@ -356,47 +364,58 @@ return fmt(total)
 
 --@@ pressures
 -- ARGV[4] region, ARGV[5..] weights, then the agents asked for (none: every agent seen).
--- One HMGET per type for every agent's sums: cost in proportion to the agents asked about.
+-- One HMGET per type of one field per agent; the sums go back as stored (joined by \31) with each
+-- type's factor, and the client does the arithmetic: formatting a number costs Lua more than
+-- parsing one costs Python. Reply: {agents joined by \31 when none were asked for, else '';
+-- {generic sum for all, position, generic adjustment, ...}; then per type: factor, sum 1, nets}.
 expire(NOW)
 local region = ARGV[4]
 local w, i = weights_from(5)
 local names = {}
 for k = i, #ARGV do names[#names + 1] = ARGV[k] end
-if #names == 0 then names = redis.call('SMEMBERS', K_AGENTS) end
-local public, own = 0, {}
-for k = 1, #names do own[k] = 0 end
+local reply = {'', {}}
+if #names == 0 then
+  names = redis.call('SMEMBERS', K_AGENTS)
+  reply[1] = table.concat(names, '\31')
+end
 for t, weight in pairs(w) do
   local unit = scale(t)
   if weight ~= 0 and unit ~= nil then
-    local fields = {acc_field('1', t, '', region)}
-    for _, name in ipairs(names) do
-      fields[#fields + 1] = acc_field('2', t, name, region)
-      fields[#fields + 1] = acc_field('3', t, name, region)
+    local head, fields = 'n\31' .. t .. '\31' .. region .. '\31', {}
+    for k, name in ipairs(names) do fields[k] = head .. name end
+    local nets = hmget(K_ACC, fields)
+    for k = 1, #nets do
+      if not nets[k] then nets[k] = '0' end
     end
-    local v = acc_values(fields)
-    local f = weight * unit
-    public = public + f * v[1]
-    for k = 1, #names do own[k] = own[k] + f * (v[2 * k + 1] - v[2 * k]) end
+    reply[#reply + 1] = fmt(weight * unit)
+    reply[#reply + 1] = redis.call('HGET', K_ACC, '1\31' .. t .. '\31' .. region) or '0'
+    reply[#reply + 1] = table.concat(nets, '\31')
   end
 end
-local index = {}
-for k, name in ipairs(names) do index[name] = k end
-for _, r in ipairs(generic_records()) do
-  local weight = w[r.type]
-  if weight and weight ~= 0 and (region == '' or r.region == region) then
-    local v = weight * value(r, NOW)
-    if r.target == '' then
-      public = public + v
-      if index[r.agent] then own[index[r.agent]] = own[index[r.agent]] - v end
-    elseif r.target ~= r.agent and index[r.target] then
-      own[index[r.target]] = own[index[r.target]] + v
+local generic = generic_records()
+if #generic > 0 then
+  local index, public, own = {}, 0, {}
+  for k, name in ipairs(names) do index[name] = k end
+  for _, r in ipairs(generic) do
+    local weight = w[r.type]
+    if weight and weight ~= 0 and (region == '' or r.region == region) then
+      local v = weight * value(r, NOW)
+      local k = nil
+      if r.target == '' then
+        public, k, v = public + v, index[r.agent], -v
+      elseif r.target ~= r.agent then
+        k = index[r.target]
+      end
+      if k then own[k] = (own[k] or 0) + v end
     end
   end
+  reply[2][1] = fmt(public)
+  for k, v in pairs(own) do
+    reply[2][#reply[2] + 1] = k
+    reply[2][#reply[2] + 1] = fmt(v)
+  end
 end
-local values = {}
-for k = 1, #names do values[k] = public + own[k] end
--- One string, far cheaper to parse than 2n replies; cjson keeps 14 significant digits.
-return cjson.encode({names, values})
+return reply
 
 --@@ select
 -- ARGV[4] id ('' = all), 5 visible_to, 6 agent, 7 exclude agent, 8 region, 9 types ('' = all, else joined by \31)
@@ -427,7 +446,7 @@ return out
 expire(NOW)
 local factor, only, region, kind_of = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local pairs_ = stored(only)
-local out = {}
+local out, sig, exp = {}, {}, {}
 for k = 1, #pairs_, 2 do
   local id, r = pairs_[k], decode(pairs_[k + 1])
   if (region == '' or r.region == region) and (kind_of == '' or r.type == kind_of) then
@@ -436,10 +455,11 @@ for k = 1, #pairs_, 2 do
     if new ~= r.I then
       if summed(r) then acc_add(r, landmark(r, new) - landmark(r, r.I), 0) end
       r.I = new
-      r.expiry = r.t0 + lifetime(r)
+      r.life = lifetime(r)
       local raw = encode(r)
-      redis.call('HSET', K_SIG, id, raw)
-      redis.call('ZADD', K_EXP, fmt(r.expiry), id)
+      local j = #sig
+      sig[j + 1], sig[j + 2] = id, raw
+      exp[j + 1], exp[j + 2] = r.t0 + r.life, id
       out[#out + 1] = id
       out[#out + 1] = raw
       out[#out + 1] = fmt(value(r, NOW))
@@ -447,6 +467,8 @@ for k = 1, #pairs_, 2 do
   end
 end
 acc_flush()
+call_chunked('HSET', K_SIG, sig, 2)
+call_chunked('ZADD', K_EXP, exp, 2)
 expire(NOW)  -- a signal rescaled under the threshold goes now
 touch()
 out[#out + 1] = fmt(NOW)

@@ -134,6 +134,37 @@ async def test_processes_sharing_a_field_must_share_its_policy() -> None:
         await other.read_pressure("a")
 
 
+async def test_a_field_written_in_another_storage_layout_is_refused() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisFieldBackend(client, prefix())
+    old = {"threshold": 0.01, "default": ["e", math.log(2.0) / 10.0, 0.0], "by_type": {}}
+    await client.hset(backend._config_key, "policy", json.dumps(old, sort_keys=True))
+    with pytest.raises(ConfigurationError, match="stigmergy version"):
+        await PheromoneField(backend, ExponentialDecay(10.0)).read_pressure("a")
+
+
+async def test_batch_sums_are_the_ones_retirement_takes_back() -> None:
+    """The client sums a batch into the script's sum fields: retiring every signal, one by one in
+    Lua, must leave no sum behind (a field named differently would stay)."""
+    client = fakeredis.FakeAsyncRedis()
+    clock = ManualClock(1000.0)
+    backend = RedisFieldBackend(client, prefix(), clock=clock)
+    field = PheromoneField(backend, ExponentialDecay(10.0), decay_by_type={"claim": StepDecay(5.0)})
+    shapes = [(None, None), ("b", None), ("a", None), (None, "r"), ("b", "r"), ("a", "r")]
+    for signal_type in ("work", "claim"):
+        await field.deposit_many(
+            ["a"] * len(shapes),
+            signal_type,
+            [0.5, 0.25, 0.125, -0.5, 0.75, 1.0],
+            target_agent_ids=[target for target, _ in shapes],
+            regions=[region for _, region in shapes],
+        )
+    assert await client.hlen(backend._keys[2]) > 0
+    assert math.isclose(await field.read_pressure("b"), 2 * (0.5 + 0.25 - 0.5 + 0.75))
+    assert await field.clear_agent("a") == 2 * len(shapes)
+    assert (await client.hlen(backend._keys[2]), await client.hlen(backend._keys[3])) == (0, 0)
+
+
 async def test_strategies_redis_cannot_compute_are_refused() -> None:
     class Custom:
         def compute(self, signal: Any, elapsed_seconds: float) -> float:
