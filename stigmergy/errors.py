@@ -8,6 +8,10 @@
     ├── FieldCapacityError                         more agents, types or regions than a field indexes
     ├── BackendError                               a backend could not do what was asked
     │   └── BackendUnavailableError                the backend's server cannot be reached
+    ├── AdmissionError                             the gate will not forward a request
+    │   ├── AdmissionTimeoutError                  it waited longer than max_wait
+    │   ├── BudgetExceededError                    a token budget is spent
+    │   └── QuotaExhaustedError                    the upstream's quota is gone until a far deadline
     └── TaskError                                  a task or task graph the scheduler cannot run
         ├── InvalidTaskError    (also ValueError)  bad id, priority, attempts, timeout, threshold
         ├── DuplicateTaskError                     a task id that is already scheduled
@@ -63,3 +67,23 @@ class UnknownDependencyError(TaskError):
 
 class DependencyCycleError(TaskError):
     """Dependencies form a cycle, so none of the tasks on it could ever start."""
+
+
+class AdmissionError(StigmergyError):
+    """The gate will not forward a request; the message says why and what to change."""
+
+
+class AdmissionTimeoutError(AdmissionError, TimeoutError):
+    """A request waited longer than the gate's ``max_wait`` for its turn."""
+
+
+class BudgetExceededError(AdmissionError):
+    """A per-agent or global token budget cannot cover the request."""
+
+
+class QuotaExhaustedError(AdmissionError):
+    """The upstream said the quota is gone (402, a per-day limit): failing fast, not retrying."""
+
+    def __init__(self, message: str, until: float | None = None) -> None:
+        super().__init__(message)
+        self.until = until  # epoch seconds when the upstream said it resets, if it did
