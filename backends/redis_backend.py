@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -119,41 +118,36 @@ def _describe(policy: DecayPolicy) -> str:
     )
 
 
-def _lifetime(kind: str, param: float, magnitude: float, threshold: float) -> float:
-    """Seconds until a signal's value falls under the threshold: lifetime() of redis_field.lua."""
-    if magnitude < threshold:
-        return 0.0
-    if kind == "s":
-        return param
-    if kind == "l":
-        return (magnitude - threshold) / param
-    return math.log(magnitude / threshold) / param
+# A batch's summed signals gathered by (type, region, visibility, agent): "u" untargeted (agent:
+# its depositor), "t" targeted at another (agent: its target), "s" at its own depositor (agent '').
+_Totals = dict[tuple[str, str | None, str, str], list[float]]
 
 
-def _add_to_sums(
-    sums: dict[str, list[float]],
-    signal_type: str,
-    agent: str,
-    target: str | None,
-    region: str | None,
-    intensity: float,
-) -> None:
-    """Add one summed signal to ``sums`` (field -> [amount, count]), with the sum fields of
-    redis_field.lua: 0 every signal, 1 untargeted ones, n the agent's net."""
-    for place in ("", region) if region else ("",):
-        tail = f"{signal_type}{_SEP}{place}"
-        changes = [(f"0{_SEP}{tail}", intensity)]
-        if target is None:
-            changes += ((f"1{_SEP}{tail}", intensity), (f"n{_SEP}{tail}{_SEP}{agent}", -intensity))
-        elif target != agent:
-            changes.append((f"n{_SEP}{tail}{_SEP}{target}", intensity))
-        for field, amount in changes:
-            entry = sums.get(field)
-            if entry is None:
-                sums[field] = [amount, 1]
-            else:
-                entry[0] += amount
-                entry[1] += 1
+def _sum_groups(totals: _Totals, rates: dict[str, float]) -> list[list[Any]]:
+    """Per type: [type, rate, field, amount, count, ...], the batch's changes to the sum fields of
+    redis_field.lua (0: every signal, 1: untargeted ones, n: an agent's net), each field once."""
+    fields: dict[tuple[str, ...], list[float]] = {}
+
+    def change(parts: tuple[str, ...], amount: float, count: float) -> None:
+        entry = fields.get(parts)
+        if entry is None:
+            fields[parts] = [amount, count]
+        else:
+            entry[0] += amount
+            entry[1] += count
+
+    for (name, region, how, agent), (amount, count) in totals.items():
+        for place in ("", region) if region else ("",):
+            change(("0", name, place), amount, count)
+            if how == "u":
+                change(("1", name, place), amount, count)
+                change(("n", name, place, agent), -amount, count)
+            elif how == "t":
+                change(("n", name, place, agent), amount, count)
+    groups: dict[str, list[Any]] = {name: [name, rate] for name, rate in rates.items()}
+    for parts, (amount, count) in fields.items():
+        groups[parts[1]] += (_SEP.join(parts), amount, count)
+    return list(groups.values())
 
 
 class RedisFieldBackend:
@@ -358,45 +352,49 @@ class RedisFieldBackend:
         regions: Sequence[str | None],
         metadata: Sequence[dict[str, Any] | None],
     ) -> str:
-        """The deposit script's argument (described in redis_field.lua): records, lifetimes and the
-        batch's sums per field are made here, because this process's time is its own while the
-        script's is taken from every client of the field."""
-        threshold = self._bound().evaporation_threshold
+        """The deposit script's argument (described in redis_field.lua). Records and the batch's
+        sums per field are made here, each intensity formatted once: this process's time is its
+        own, while the script's is taken from every client of the field."""
         specs = {name: self._spec_of(name) for name in dict.fromkeys(signal_types)}
+        decay = [[kind, param] for kind, param in specs.values()]
+        spec_of = {name: (k, kind, repr(param)) for k, (name, (kind, param)) in enumerate(specs.items(), 1)}
         draws = {
-            name: iter(self._draw(name, count))
-            for name, count in Counter(signal_types).items()
-            if specs[name][0] == "x"
+            name: iter(self._draw(name, signal_types.count(name))) for name in specs if specs[name][0] == "x"
         }
+        texts = list(map(repr, intensities))
         records: list[str] = []
-        lifetimes: list[float] = []
-        generic: list[int] = []
-        sums: dict[str, dict[str, list[float]]] = {name: {} for name in specs}
-        for position, (agent, name, intensity, target, region, meta) in enumerate(
-            zip(agents, signal_types, intensities, targets, regions, metadata, strict=True), 1
+        which: list[int] = []
+        totals: _Totals = {}
+        for agent, name, intensity, text, target, region, meta in zip(
+            agents, signal_types, intensities, texts, targets, regions, metadata, strict=True
         ):
-            kind, param = specs[name]
-            if kind == "x":
-                param = next(draws[name])
-            life = _lifetime(kind, param, abs(intensity), threshold)
+            spec, kind, param = spec_of[name]
+            if kind == "x":  # stochastic: each signal draws its own rate
+                decay.append([kind, next(draws[name])])
+                spec, param = len(decay), repr(decay[-1][1])
+            which.append(spec)
             records.append(
-                f"{intensity!r}{_SEP}{life!r}{_SEP}{kind}{_SEP}{param!r}{_SEP}{agent}{_SEP}{name}{_SEP}"
-                f"{target or ''}{_SEP}{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
+                f"{text}{_SEP}{kind}{_SEP}{param}{_SEP}{agent}{_SEP}{name}{_SEP}{target or ''}{_SEP}"
+                f"{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
             )
-            lifetimes.append(life)
-            if kind in "es":
-                _add_to_sums(sums[name], name, agent, target, region, intensity)
-            else:
-                generic.append(position)
-        types = []
-        for name, fields in sums.items():
-            kind, param = specs[name]
-            group: list[Any] = [name, param if kind == "e" else 0.0]
-            for field, (amount, count) in fields.items():
-                group += (field, amount, count)
-            types.append(group)
+            if kind == "e" or kind == "s":
+                if target is None:
+                    key = (name, region, "u", agent)
+                elif target != agent:
+                    key = (name, region, "t", target)
+                else:
+                    key = (name, region, "s", "")
+                entry = totals.get(key)
+                if entry is None:
+                    totals[key] = [intensity, 1]
+                else:
+                    entry[0] += intensity
+                    entry[1] += 1
+        rates = {name: param if kind == "e" else 0.0 for name, (kind, param) in specs.items()}
         names = list({*agents, *(target for target in targets if target is not None)})
-        return json.dumps([records, lifetimes, generic, names, types])
+        rest = json.dumps([which, decay, names, _sum_groups(totals, rates)])[1:-1]
+        # The intensities are text already (repr, as json.dumps writes floats): joined, not re-formatted.
+        return f"[{json.dumps(records)},[{','.join(texts)}],{rest}]"
 
     def _draw(self, signal_type: str, count: int) -> list[float]:
         """Decay rates for ``count`` new stochastic signals: each draws its own half-life once."""
@@ -444,9 +442,9 @@ class RedisFieldBackend:
     @staticmethod
     def _stored(reply: list[Any]) -> list[StoredSignal]:
         out = []
-        for i in range(0, len(reply) - 1, 3):
+        for i in range(0, len(reply) - 1, 4):  # id, record, value, evaporation time
             fields = _text(reply[i + 1]).split(_SEP)
-            intensity, life, _kind, _param, agent, signal_type, target, region, meta, t0 = fields
+            intensity, _kind, _param, agent, signal_type, target, region, meta, t0 = fields
             deposited = float(t0)
             signal = Signal(
                 id=_text(reply[i]),
@@ -459,7 +457,7 @@ class RedisFieldBackend:
                 region=region or None,
                 deposited_at=deposited,
             )
-            out.append(StoredSignal(signal, float(_text(reply[i + 2])), deposited + float(life)))
+            out.append(StoredSignal(signal, float(_text(reply[i + 2])), float(_text(reply[i + 3]))))
         return out
 
     async def _run(self, name: str, *args: str) -> Any:

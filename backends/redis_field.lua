@@ -1,7 +1,7 @@
 -- stigmergy field scripts for Redis. Each script is this prelude plus one body.
 --
 -- KEYS (all share one hash tag, so they live in one cluster slot):
---   1 sig     hash  id -> record: I \31 lifetime \31 kind \31 param \31 agent \31 type \31 target \31 region \31 meta \31 t0
+--   1 sig     hash  id -> record: I \31 kind \31 param \31 agent \31 type \31 target \31 region \31 meta \31 t0
 --   2 exp     zset  id -> expiry = t0 + lifetime (every signal; retired when expiry <= now)
 --   3 acc     hash  sum field (below) -> A, a sum of 'e' and 's' signals in landmark form
 --   4 count   hash  same fields -> how many live signals the sum holds (at 0 the sum is dropped)
@@ -49,19 +49,30 @@ local REBASE = 100
 
 local function fmt(x) return string.format('%.17g', x) end
 
-local RECORD = '^' .. string.rep('([^\31]*)\31', 9) .. '(.*)$'
+-- Age at which |value| falls under the threshold.
+local abs, log = math.abs, math.log
+
+local function lifetime(I, kind, param)
+  local m = abs(I)
+  if m < THRESHOLD then return 0 end
+  if kind == 's' then return param end
+  if kind == 'l' then return (m - THRESHOLD) / param end
+  return log(m / THRESHOLD) / param
+end
+
+local RECORD = '^' .. string.rep('([^\31]*)\31', 8) .. '(.*)$'
 
 local function decode(raw)
-  local I, life, kind, param, agent, t, target, region, meta, t0 = string.match(raw, RECORD)
-  local r = {I = tonumber(I), life = tonumber(life), kind = kind, param = tonumber(param), agent = agent,
-             type = t, target = target, region = region, meta = meta, t0 = tonumber(t0)}
-  r.expiry = r.t0 + r.life
+  local I, kind, param, agent, t, target, region, meta, t0 = string.match(raw, RECORD)
+  local r = {I = tonumber(I), kind = kind, param = tonumber(param), agent = agent, type = t, target = target,
+             region = region, meta = meta, t0 = tonumber(t0)}
+  r.expiry = r.t0 + lifetime(r.I, kind, r.param)  -- as the deposit computed it for the exp zset
   return r
 end
 
 local function encode(r)
-  return table.concat({fmt(r.I), fmt(r.life), r.kind, fmt(r.param), r.agent, r.type, r.target, r.region,
-                       r.meta, fmt(r.t0)}, '\31')
+  return table.concat({fmt(r.I), r.kind, fmt(r.param), r.agent, r.type, r.target, r.region, r.meta,
+                       fmt(r.t0)}, '\31')
 end
 
 local function rate_of(r)
@@ -83,15 +94,6 @@ local function value(r, now)
     return m
   end
   return r.I * math.exp(-r.param * age)
-end
-
--- Age at which |value| falls under the threshold (RedisFieldBackend computes it for deposits).
-local function lifetime(r)
-  local m = math.abs(r.I)
-  if m < THRESHOLD then return 0 end
-  if r.kind == 's' then return r.param end
-  if r.kind == 'l' then return (m - THRESHOLD) / r.param end
-  return math.log(m / THRESHOLD) / r.param
 end
 
 -- One command per chunk of arguments: Lua's unpack() has a stack limit.
@@ -295,27 +297,30 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4]: JSON [records, lifetimes, generic, names, types] from RedisFieldBackend._deposits, so that
--- this script, which every client of the field waits on, parses and formats nothing per signal:
---   records    each signal's record up to its deposit time (appended here)
---   lifetimes  each signal's lifetime (s): it evaporates at now + lifetime
---   generic    the positions (from 1) of the signals evaluated one by one ('l', 'x')
---   names      the agents the batch names, depositors and targets, each once
+-- ARGV[4]: JSON [records, intensities, specs, decay, names, types] from RedisFieldBackend._deposits,
+-- so that this script, which every client of the field waits on, parses and formats nothing per signal:
+--   records      each signal's record up to its deposit time (appended here)
+--   intensities  each signal's intensity
+--   specs        each signal's decay, a position in decay
+--   decay        [kind, param] pairs
+--   names        the agents the batch names, depositors and targets, each once
 --   types      per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
 --              changes to each sum field, amounts being sums of intensities (landmark form is made here)
 expire(NOW)
 local batch = cjson.decode(ARGV[4])
-local records, lifetimes, generic, names, types = batch[1], batch[2], batch[3], batch[4], batch[5]
+local records, intensities, specs, decay, names, types = batch[1], batch[2], batch[3], batch[4], batch[5], batch[6]
 local n = #records
 local first = redis.call('INCRBY', K_SEQ, n) - n + 1
 local stamp = '\31' .. fmt(NOW)
 local sig, exp, gen = {}, {}, {}
 for k = 1, n do
-  local id = first + k - 1
+  local id = string.format('%d', first + k - 1)  -- a number would be formatted by HSET and by ZADD
+  local spec = decay[specs[k]]
+  local kind = spec[1]
   sig[2 * k - 1], sig[2 * k] = id, records[k] .. stamp
-  exp[2 * k - 1], exp[2 * k] = NOW + lifetimes[k], id
+  exp[2 * k - 1], exp[2 * k] = NOW + lifetime(intensities[k], kind, spec[2]), id
+  if kind == 'l' or kind == 'x' then gen[#gen + 1] = id end
 end
-for k, position in ipairs(generic) do gen[k] = first + position - 1 end
 local fields, amounts, counts = {}, {}, {}
 for _, group in ipairs(types) do
   local t, rate = group[1], group[2]
@@ -333,7 +338,7 @@ call_chunked('ZADD', K_EXP, exp, 2)
 call_chunked('SADD', K_GEN, gen, 1)
 call_chunked('SADD', K_AGENTS, names, 1)
 touch()
-return {fmt(NOW), fmt(first), n}
+return {fmt(NOW), string.format('%d', first), n}
 
 --@@ pressure
 -- ARGV[4] agent ('' with ARGV[5] = '0' means nobody: every signal), ARGV[6] region, ARGV[7..] weights
@@ -436,6 +441,7 @@ for k = 1, #pairs_, 2 do
     out[#out + 1] = pairs_[k]
     out[#out + 1] = pairs_[k + 1]
     out[#out + 1] = fmt(value(r, NOW))
+    out[#out + 1] = fmt(r.expiry)
   end
 end
 out[#out + 1] = fmt(NOW)
@@ -455,14 +461,15 @@ for k = 1, #pairs_, 2 do
     if new ~= r.I then
       if summed(r) then acc_add(r, landmark(r, new) - landmark(r, r.I), 0) end
       r.I = new
-      r.life = lifetime(r)
+      r.expiry = r.t0 + lifetime(new, r.kind, r.param)
       local raw = encode(r)
       local j = #sig
       sig[j + 1], sig[j + 2] = id, raw
-      exp[j + 1], exp[j + 2] = r.t0 + r.life, id
+      exp[j + 1], exp[j + 2] = r.expiry, id
       out[#out + 1] = id
       out[#out + 1] = raw
       out[#out + 1] = fmt(value(r, NOW))
+      out[#out + 1] = fmt(r.expiry)
     end
   end
 end
