@@ -8,6 +8,26 @@ from collections.abc import Sequence
 
 from stigmergy import __version__
 
+#: ``stigmergy mock-api`` flags: (MockConfig field, type, help); unset flags keep MockConfig's defaults.
+MOCK_API_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("rpm", int, "requests per minute (default unlimited)"),
+    ("rpd", int, "requests per day (default unlimited)"),
+    ("tpm", int, "input + output tokens per minute, OpenAI-style (default unlimited)"),
+    ("itpm", int, "input tokens per minute, Anthropic-style (default unlimited)"),
+    ("otpm", int, "output tokens per minute, Anthropic-style (default unlimited)"),
+    ("output_tokens", int, "tokens per reply, capped by the request's max_tokens (default 16)"),
+    ("p502", float, "probability of a 502 bad gateway (default 0)"),
+    ("p529", float, "probability of overloaded: 529 Anthropic, 503 OpenAI (default 0)"),
+    ("p_reset", float, "probability of a TCP connection reset (default 0)"),
+    ("ttft", float, "median seconds to the first token (default 0)"),
+    ("ttft_sigma", float, "lognormal spread of the time to first token (default 0: fixed)"),
+    ("token_delay", float, "seconds per generated token (default 0)"),
+    ("p_spike", float, "probability that a call is slow (default 0)"),
+    ("spike_multiplier", float, "how much slower a slow call is (default 10)"),
+    ("max_concurrency", int, "calls served at once; more are answered overloaded (default unlimited)"),
+    ("seed", int, "seed of the fault and latency draws (default 0)"),
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stigmergy", description=__doc__)
@@ -16,11 +36,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="watch agents share one rate-limited channel through the field")
     demo.add_argument("--agents", type=int, default=8, help="how many agents (default 8)")
     demo.add_argument("--seconds", type=float, default=30.0, help="simulated seconds (default 30)")
+    mock = commands.add_parser(
+        "mock-api", help="serve a mock OpenAI/Anthropic API with rate limits and faults"
+    )
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mock.add_argument("--port", type=int, default=8900, help="port to listen on, 0 for any (default 8900)")
+    for name, kind, text in MOCK_API_FLAGS:
+        metavar = "N" if kind is int else "X"
+        mock.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=metavar, help=text)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from stigmergy.demo import run_demo
 
         return run_demo(agents=args.agents, seconds=args.seconds)
+    if args.command == "mock-api":
+        from stigmergy.mock_api import run_mock_api
+
+        settings = {
+            name: getattr(args, name) for name, _, _ in MOCK_API_FLAGS if getattr(args, name) is not None
+        }
+        return run_mock_api(settings, host=args.host, port=args.port)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
