@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import anyio
+
 from stigmergy.errors import ConfigurationError
 
 
@@ -52,3 +54,27 @@ class ManualClock:
             raise ConfigurationError(f"a clock only moves forward; {now!r} < {self._now!r}")
         self._now = float(now)
         self._moved()
+
+
+class AcceleratedClock:
+    """Time that runs ``speed`` times faster than real time, for everything that shares it.
+
+    A gate, a mock provider and a field on one accelerated clock agree on every
+    window, reset and deadline, so a test of a 60-per-minute limit takes seconds.
+    ``wall()`` is the matching epoch time; :meth:`sleep` waits in accelerated seconds.
+    """
+
+    def __init__(self, speed: float) -> None:
+        if not 0 < speed < float("inf"):
+            raise ConfigurationError(f"speed must be a positive factor, got {speed!r}")
+        self.speed = float(speed)
+        self._start, self._wall_start = time.monotonic(), time.time()
+
+    def __call__(self) -> float:
+        return self._start + (time.monotonic() - self._start) * self.speed
+
+    def wall(self) -> float:
+        return self._wall_start + (time.monotonic() - self._start) * self.speed
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds / self.speed)

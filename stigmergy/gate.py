@@ -1,0 +1,544 @@
+"""The admission gate: a request is forwarded when its pressure crosses the threshold.
+
+Everything the upstream says lands in the field at the request's channel (region
+``upstream|key|model``, or ``upstream|*`` for the whole upstream):
+
+- ``spend_<dim>``: each admitted request spends ``cost / limit`` of a window
+  (rpm, tpm, itpm, otpm per minute; rpd per day), decaying exponentially with the
+  window as mean lifetime. Their sum is how full the window is; it never reads
+  lower than a token bucket of the same size would, and the moment it falls low
+  enough for the next request is known in closed form. The rate-limit headers
+  top it up when the upstream counts more than we did (other clients on the key).
+- ``hold``: a deadline (429 retry-after, an empty window until its reset, a 529's
+  back-off, a 5xx's short pause), as a linear decay that evaporates exactly then.
+- ``latency`` (time to first token over the target), ``success`` and ``error``:
+  soft, short-lived pressure that slows admissions when the upstream strains.
+
+A waiting request's pressure is ``priority + aging_rate * waited + soft``; it is
+admitted when that reaches ``threshold``, no hold is active and the windows have
+room for its cost. Waiters of one channel are ordered by that pressure (FIFO among
+equals), so under saturation every agent's next request waits about
+``agents / rate``. Sharing the field (Redis) shares spends and holds between
+processes. In-flight counts and ``max_in_flight`` are this process's own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from stigmergy.backends.memory import InMemoryFieldBackend
+from stigmergy.backends.protocol import FieldBackend
+from stigmergy.budgets import Reservation, TokenBudgets
+from stigmergy.clock import AcceleratedClock, Clock, ManualClock, monotonic_clock
+from stigmergy.decay import ExponentialDecay, LinearDecay
+from stigmergy.errors import AdmissionTimeoutError, ConfigurationError, QuotaExhaustedError
+from stigmergy.field import PheromoneField
+from stigmergy.ratelimits import RateLimitInfo
+
+logger = logging.getLogger(__name__)
+
+#: Seconds per window of each dimension.
+WINDOWS = {"rpm": 60.0, "tpm": 60.0, "itpm": 60.0, "otpm": 60.0, "rpd": 86400.0, "tpd": 86400.0}
+#: Signals under this no longer count: far below any spend (1 token of a 10M TPM window is 1e-7).
+EVAPORATION_THRESHOLD = 1e-9
+HOLD = "hold"
+HOLD_RATE = 1.0 / 60.0  # a hold loses 1/60 of intensity per second: one signal holds up to ~59 s
+SOFT = ("latency", "success", "error")
+GATE_AGENT = "stigmergy.gate"
+
+
+def spend_type(dimension: str) -> str:
+    return f"spend_{dimension}"
+
+
+def gate_field(backend: FieldBackend | None = None) -> PheromoneField:
+    """A field for a gate: its decays, and an evaporation threshold low enough for tiny spends.
+
+    One request on a 10,000 RPM key spends 1e-4 of the window; at the usual 0.01
+    threshold it would never count. Pass the same backend (say Redis) to share it.
+    """
+    return PheromoneField(
+        backend, evaporation_threshold=EVAPORATION_THRESHOLD, decay_by_type=gate_strategies()
+    )
+
+
+def gate_strategies() -> dict[str, Any]:
+    """The decay of every signal type the gate deposits (added to the field's policy)."""
+    strategies: dict[str, Any] = {
+        spend_type(dim): ExponentialDecay(window * math.log(2.0)) for dim, window in WINDOWS.items()
+    }
+    strategies[HOLD] = LinearDecay(HOLD_RATE)
+    strategies.update({"latency": ExponentialDecay(5.0), "success": ExponentialDecay(5.0)})
+    strategies["error"] = ExponentialDecay(5.0)
+    return strategies
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request goes: the upstream, which key (a hash, never the key), which model."""
+
+    upstream: str
+    key: str = "-"
+    model: str = "-"
+
+    @property
+    def region(self) -> str:
+        return f"{self.upstream}|{self.key}|{self.model}"
+
+    @property
+    def upstream_region(self) -> str:
+        return f"{self.upstream}|*"
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one request may use: itself, and its input and output token estimates."""
+
+    input_tokens: float = 0.0
+    output_tokens: float = 0.0
+
+    def of(self, dimension: str) -> float:
+        if dimension in ("rpm", "rpd"):
+            return 1.0
+        if dimension == "itpm":
+            return self.input_tokens
+        if dimension == "otpm":
+            return self.output_tokens
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place in the gate; the pass to go once ``admitted``."""
+
+    agent_id: str
+    route: Route
+    priority: float
+    cost: Cost
+    arrived: float
+    key: float
+    admitted: anyio.Event = field(default_factory=anyio.Event)
+    pressure: float = 0.0
+    waited: float = 0.0
+    reservation: Reservation | None = None
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelReading:
+    """The channel now: how full each window is, how long any hold lasts, the soft pressure."""
+
+    fill: Mapping[str, float]
+    hold: float  # seconds until every hold lifts (0: none)
+    soft: float
+
+
+@dataclass(frozen=True, slots=True)
+class GateExplanation:
+    """Why requests on a channel wait, and until when."""
+
+    route: Route
+    waiting: int
+    in_flight: int
+    reading: ChannelReading
+    limits: Mapping[str, float]
+    next_admission_in: float | None
+    exhausted: str | None
+
+    def __str__(self) -> str:
+        parts = [f"{self.route.region}: {self.waiting} waiting, {self.in_flight} in flight"]
+        if self.exhausted:
+            parts.append(f"refusing: {self.exhausted}")
+        if self.reading.hold > 0:
+            parts.append(f"held for {self.reading.hold:.2f}s more")
+        for dim, fill in self.reading.fill.items():
+            parts.append(f"{dim} window {fill:.0%} full of {self.limits[dim]:g}")
+        parts.append(f"soft pressure {self.reading.soft:+.3f}")
+        if self.next_admission_in is not None:
+            parts.append(f"next admission in {self.next_admission_in:.3f}s")
+        return "; ".join(parts)
+
+
+@dataclass(slots=True)
+class _Channel:
+    waiters: list[tuple[float, int, Ticket]] = field(default_factory=list)
+    in_flight: int = 0
+    limits: dict[str, float] = field(default_factory=dict)
+    hold_until: float = 0.0  # on the gate's clock: holds longer than one signal can carry
+    exhausted: tuple[float, str] | None = None  # (epoch deadline, why) for fail-fast quotas
+    pumper: Ticket | None = None
+    admissions: int = 0
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    failures: int = 0  # consecutive 5xx/overloads, for the back-off
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+class Gate:
+    """Admission control for LLM requests, driven by the pressure in a field.
+
+    ``limits`` gives per-dimension limits for upstreams that send no headers (e.g.
+    ``{"rpm": 50}``); headers override them. ``max_in_flight`` and ``max_wait``
+    (seconds, then :class:`AdmissionTimeoutError`) are hard caps.
+    """
+
+    def __init__(
+        self,
+        field: PheromoneField | None = None,
+        *,
+        threshold: float = 0.5,
+        aging_rate: float = 0.1,
+        max_in_flight: int | None = None,
+        max_wait: float | None = None,
+        limits: Mapping[str, float] | None = None,
+        latency_target: float = 10.0,
+        budgets: TokenBudgets | None = None,
+        clock: Clock | None = None,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not aging_rate > 0:
+            raise ConfigurationError(
+                f"aging_rate must be > 0 so that no request waits forever, got {aging_rate!r}"
+            )
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ConfigurationError(f"max_in_flight must be at least 1, got {max_in_flight!r}")
+        for dim, value in (limits or {}).items():
+            if dim not in WINDOWS or not value > 0:
+                raise ConfigurationError(
+                    f"limit {dim}={value!r}: use one of {', '.join(WINDOWS)} with a value > 0"
+                )
+        self._clock: Clock = clock if clock is not None else monotonic_clock
+        self._speed = clock.speed if isinstance(clock, AcceleratedClock) else 1.0
+        if wall_clock is None:
+            wall_clock = clock.wall if isinstance(clock, AcceleratedClock) else time.time
+        self._wall = wall_clock
+        if isinstance(self._clock, ManualClock):
+            self._clock.subscribe(self._time_moved)
+        if field is None:
+            field = gate_field(InMemoryFieldBackend(clock=self._clock))
+        elif field.policy.evaporation_threshold > EVAPORATION_THRESHOLD:
+            threshold = field.policy.evaporation_threshold
+            raise ConfigurationError(
+                f"the gate's field evaporates signals under {threshold:g}, which would drop small spends "
+                f"from its windows; build it with gate_field(backend) (threshold {EVAPORATION_THRESHOLD:g})"
+            )
+        else:
+            for name, strategy in gate_strategies().items():
+                field.policy.by_type.setdefault(name, strategy)
+        self.field = field
+        self.threshold = threshold
+        self.aging_rate = aging_rate
+        self.max_in_flight = max_in_flight
+        self.max_wait = max_wait
+        self.latency_target = latency_target
+        self.budgets = budgets
+        self._default_limits = dict(limits or {})
+        self._channels: dict[Route, _Channel] = {}
+        self._seq = itertools.count()
+
+    # -- admission ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admit(
+        self, agent_id: str, route: Route, priority: float = 0.5, cost: Cost | None = None
+    ) -> AsyncIterator[Ticket]:
+        """Wait for the request's turn, then hold its in-flight place until the block exits."""
+        ticket = await self.acquire(agent_id, route, priority, cost)
+        try:
+            yield ticket
+        finally:
+            self.release(ticket)
+
+    async def acquire(
+        self, agent_id: str, route: Route, priority: float = 0.5, cost: Cost | None = None
+    ) -> Ticket:
+        """Wait until admitted (see :meth:`admit`); the caller must :meth:`release` the ticket."""
+        cost = cost or Cost()
+        channel = self._channel(route)
+        self._refuse_if_exhausted(route, channel)
+        now = self._clock()
+        ticket = Ticket(agent_id, route, priority, cost, now, -(priority - self.aging_rate * now))
+        if self.budgets is not None:
+            ticket.reservation = self.budgets.reserve(agent_id, cost.input_tokens + cost.output_tokens)
+        heapq.heappush(channel.waiters, (ticket.key, next(self._seq), ticket))
+        try:
+            with anyio.fail_after(self.max_wait if self.max_wait is not None else math.inf):
+                await self._wait_turn(channel, route, ticket)
+        except TimeoutError:
+            self._abandon(channel, ticket)
+            raise AdmissionTimeoutError(
+                f"agent {agent_id!r} waited more than {self.max_wait:g}s for {route.region}: "
+                f"{self.explain_now(route)}"
+            ) from None
+        except BaseException:
+            self._abandon(channel, ticket)
+            raise
+        ticket.waited = self._clock() - ticket.arrived
+        return ticket
+
+    def release(self, ticket: Ticket, spent_tokens: float | None = None) -> None:
+        """The request is over: free its in-flight place and settle its budget reservation."""
+        if ticket.released:
+            return
+        ticket.released = True
+        channel = self._channel(ticket.route)
+        channel.in_flight -= 1
+        if self.budgets is not None and ticket.reservation is not None:
+            self.budgets.settle(ticket.reservation, 0.0 if spent_tokens is None else spent_tokens)
+        channel.notify()
+
+    def _abandon(self, channel: _Channel, ticket: Ticket) -> None:
+        if ticket.admitted.is_set():
+            self.release(ticket)
+            return
+        channel.waiters = [w for w in channel.waiters if w[2] is not ticket]
+        heapq.heapify(channel.waiters)
+        if self.budgets is not None and ticket.reservation is not None:
+            self.budgets.settle(ticket.reservation, 0.0)
+        channel.notify()
+
+    async def _wait_turn(self, channel: _Channel, route: Route, ticket: Ticket) -> None:
+        """Wait to be admitted. One waiter at a time (the pumper) decides and keeps the timer.
+
+        The others sleep until something changes; when the pumper leaves (admitted
+        or cancelled), it hands over and the next one to wake takes its place.
+        """
+        try:
+            while not ticket.admitted.is_set():
+                self._refuse_if_exhausted(route, channel)
+                if channel.pumper is not None and channel.pumper is not ticket:
+                    await channel.changed.wait()
+                    continue
+                channel.pumper = ticket
+                admitted_before = channel.admissions
+                delay = await self._pump(route, channel)
+                if channel.admissions != admitted_before:
+                    channel.notify()  # wake the ones just admitted
+                if not ticket.admitted.is_set():
+                    manual = isinstance(self._clock, ManualClock)  # it notifies every channel when it moves
+                    real = math.inf if delay is None or manual else delay / self._speed
+                    with anyio.move_on_after(real):
+                        await channel.changed.wait()
+        finally:
+            if channel.pumper is ticket:
+                channel.pumper = None
+                channel.notify()
+
+    async def _pump(self, route: Route, channel: _Channel) -> float | None:
+        """Admit waiters in pressure order while they may; returns seconds until one may (None: an event)."""
+        while channel.waiters:
+            ticket = channel.waiters[0][2]
+            if self.max_in_flight is not None and channel.in_flight >= self.max_in_flight:
+                return None  # a release will wake us
+            reading = await self.read(route)
+            wait = self._wait_for(route, channel, reading, ticket)
+            if wait > 0:
+                return wait
+            heapq.heappop(channel.waiters)
+            channel.in_flight += 1
+            channel.admissions += 1
+            ticket.pressure = (
+                ticket.priority + self.aging_rate * (self._clock() - ticket.arrived) + reading.soft
+            )
+            await self._spend(route, channel, ticket.cost)
+            ticket.admitted.set()
+        return None
+
+    def _wait_for(self, route: Route, channel: _Channel, reading: ChannelReading, ticket: Ticket) -> float:
+        """Seconds until ``ticket`` may go (0: now)."""
+        now = self._clock()
+        waits = [reading.hold, channel.hold_until - now]
+        for dim, fill in reading.fill.items():
+            share = ticket.cost.of(dim) / channel.limits[dim]
+            room = 1.0 - share if share < 0.99 else 0.01  # one bigger than the window waits for it to empty
+            if fill > room + 1e-9:
+                waits.append(WINDOWS[dim] * math.log(fill / room))  # fill decays as exp(-t / window)
+        pressure = ticket.priority + self.aging_rate * (now - ticket.arrived) + reading.soft
+        waits.append((self.threshold - pressure) / self.aging_rate)
+        return max(0.0, *waits)
+
+    async def _spend(self, route: Route, channel: _Channel, cost: Cost) -> None:
+        dims = [d for d in channel.limits if cost.of(d) > 0]
+        if dims:
+            await self.field.deposit_many(
+                GATE_AGENT,
+                [spend_type(d) for d in dims],
+                [-min(1.0, cost.of(d) / channel.limits[d]) for d in dims],
+                regions=route.region,
+            )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def read(self, route: Route) -> ChannelReading:
+        """How full the channel's windows are, how long it is held, and its soft pressure."""
+        channel = self._channel(route)
+        fill = {dim: await self._fill(route, dim) for dim in channel.limits}
+        hold = max(await self._hold(route.region), await self._hold(route.upstream_region))
+        soft = await self.field.read_pressure(signal_types=SOFT, region=route.region)
+        return ChannelReading(fill, hold, soft)
+
+    async def _fill(self, route: Route, dimension: str) -> float:
+        spent = await self.field.read_pressure(signal_types=[spend_type(dimension)], region=route.region)
+        return max(0.0, -spent)
+
+    async def _hold(self, region: str) -> float:
+        if await self.field.read_pressure(signal_types=[HOLD], region=region) >= 0:
+            return 0.0
+        explanation = await self.field.explain(signal_types=[HOLD], region=region)
+        return max((c.evaporates_at - explanation.at for c in explanation.contributions), default=0.0)
+
+    def explain_now(self, route: Route) -> str:
+        channel = self._channel(route)
+        limits = channel.limits or "unknown"
+        return f"{len(channel.waiters)} waiting, {channel.in_flight} in flight, limits {limits}"
+
+    async def explain(self, route: Route) -> GateExplanation:
+        """Why requests on ``route`` wait and until when."""
+        channel = self._channel(route)
+        reading = await self.read(route)
+        next_in = self._wait_for(route, channel, reading, channel.waiters[0][2]) if channel.waiters else None
+        exhausted = channel.exhausted[1] if channel.exhausted else None
+        return GateExplanation(
+            route, len(channel.waiters), channel.in_flight, reading, dict(channel.limits), next_in, exhausted
+        )
+
+    # -- what the upstream said -------------------------------------------------------------
+
+    async def observe(self, route: Route, info: RateLimitInfo) -> None:
+        """Deposit what one response's status and headers say: limits and remaining, holds, errors."""
+        channel = self._channel(route)
+        wall = self._wall()
+        await self._learn_limits(route, channel, info, wall)
+        if info.outcome == "ok":
+            channel.failures = 0
+        elif info.outcome in ("daily_quota", "fatal") and info.status in (402, 429):
+            until = info.retry_at or max((q.reset_at or 0.0 for q in info.quotas), default=0.0) or None
+            why = info.reason or f"upstream answered {info.status}"
+            channel.exhausted = (until if until is not None else math.inf, why)
+        elif info.outcome == "quota":
+            until = info.retry_at or min(
+                (q.reset_at for q in info.quotas if q.remaining == 0 and q.reset_at), default=None
+            )
+            await self.hold(route, (until - wall) if until else 1.0 * 2**channel.failures)
+            channel.failures += 1
+        elif info.outcome == "overloaded":
+            backoff = (info.retry_at - wall) if info.retry_at else min(30.0, 1.0 * 2**channel.failures)
+            channel.failures += 1
+            await self.hold(route, backoff, whole_upstream=True)
+        elif info.outcome == "transient":
+            await self.report_error(route)
+
+    async def finish(
+        self, ticket: Ticket, *, input_tokens: float, output_tokens: float, ttft: float | None
+    ) -> None:
+        """A request completed: reconcile its token spend with the real usage, note latency, release it."""
+        channel = self._channel(ticket.route)
+        used = Cost(input_tokens, output_tokens)
+        dims = [d for d in channel.limits if d not in ("rpm", "rpd")]
+        corrections = [(ticket.cost.of(d) - used.of(d)) / channel.limits[d] for d in dims]
+        if any(abs(c) > 1e-9 for c in corrections):  # a refund (+) or a top-up (-) of the estimate
+            await self.field.deposit_many(
+                GATE_AGENT,
+                [spend_type(d) for d in dims],
+                [max(-1.0, min(1.0, c)) for c in corrections],
+                regions=ticket.route.region,
+            )
+        if ttft is not None and ttft > self.latency_target:
+            strain = min(1.0, 0.5 * (ttft / self.latency_target - 1.0))
+            await self.field.deposit(GATE_AGENT, "latency", -strain, region=ticket.route.region)
+        else:
+            await self.field.deposit(GATE_AGENT, "success", 0.05, region=ticket.route.region)
+        self.release(ticket, spent_tokens=input_tokens + output_tokens)
+
+    async def report_error(self, route: Route) -> None:
+        """A 5xx, a reset connection or a timeout: a short pause and some soft inhibition."""
+        channel = self._channel(route)
+        pause = min(5.0, 0.25 * 2**channel.failures)
+        channel.failures += 1
+        await self.field.deposit(GATE_AGENT, "error", -0.3, region=route.region)
+        await self.hold(route, pause)
+
+    async def hold(self, route: Route, seconds: float, *, whole_upstream: bool = False) -> None:
+        """Admit nothing on ``route`` (or its whole upstream) for ``seconds``."""
+        if not seconds > 0:
+            return
+        channel = self._channel(route)
+        channel.hold_until = max(channel.hold_until, self._clock() + seconds)
+        threshold = self.field.policy.evaporation_threshold
+        intensity = -min(1.0, seconds * HOLD_RATE + threshold)
+        region = route.upstream_region if whole_upstream else route.region
+        await self.field.deposit(GATE_AGENT, HOLD, intensity, region=region)
+        channel.notify()
+
+    async def _learn_limits(self, route: Route, channel: _Channel, info: RateLimitInfo, wall: float) -> None:
+        """Adopt the upstream's limits, and top the windows up to what it says is used."""
+        for quota in info.quotas:
+            dim = quota.dimension
+            if quota.limit is not None and quota.limit > 0:
+                channel.limits[dim] = quota.limit
+            limit = channel.limits.get(dim)
+            if limit is None or quota.remaining is None:
+                continue
+            upstream_fill = min(1.0, max(0.0, 1.0 - quota.remaining / limit))
+            ours = await self._fill(route, dim)
+            if upstream_fill > ours + 1e-9:
+                await self.field.deposit(
+                    GATE_AGENT, spend_type(dim), -(upstream_fill - ours), region=route.region
+                )
+            if quota.remaining <= 0 and quota.reset_at is not None and dim in ("rpd", "tpd"):
+                await self.hold(route, quota.reset_at - wall)  # a day's quota does not trickle back
+        channel.notify()
+
+    def now(self) -> float:
+        """The gate's clock (seconds): what waits and time to first token are measured on."""
+        return self._clock()
+
+    def wall(self) -> float:
+        """Epoch seconds on the gate's clock: what rate-limit deadlines are compared with."""
+        return self._wall()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _time_moved(self) -> None:
+        for channel in self._channels.values():
+            channel.notify()
+
+    def _channel(self, route: Route) -> _Channel:
+        channel = self._channels.get(route)
+        if channel is None:
+            channel = self._channels[route] = _Channel(limits=dict(self._default_limits))
+        return channel
+
+    def _refuse_if_exhausted(self, route: Route, channel: _Channel) -> None:
+        if channel.exhausted is None:
+            return
+        until, why = channel.exhausted
+        if until <= self._wall():
+            channel.exhausted = None
+            return
+        when = "until further notice"
+        if not math.isinf(until):
+            when = f"until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(until))} UTC"
+        raise QuotaExhaustedError(
+            f"{route.region}: the upstream's quota is exhausted ({why}); refusing {when}",
+            None if math.isinf(until) else until,
+        )
+
+    def channels(self) -> dict[Route, dict[str, Any]]:
+        """Per channel: waiting, in flight, known limits (for metrics)."""
+        return {
+            route: {"waiting": len(c.waiters), "in_flight": c.in_flight, "limits": dict(c.limits)}
+            for route, c in self._channels.items()
+        }

@@ -1,0 +1,286 @@
+"""The admission gate: pacing from windows, holds, fairness, caps, budgets, explanations.
+
+A ManualClock drives the gate and its field; requests are tasks that wait in the
+gate while the test moves time. Nothing sleeps for correctness.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from stigmergy import ManualClock, PheromoneField
+from stigmergy.budgets import TokenBudgets
+from stigmergy.errors import (
+    AdmissionTimeoutError,
+    BudgetExceededError,
+    ConfigurationError,
+    QuotaExhaustedError,
+)
+from stigmergy.gate import Cost, Gate, Route
+from stigmergy.ratelimits import Quota, RateLimitInfo
+
+pytestmark = pytest.mark.anyio
+
+EPOCH = 1_800_000_000.0
+ROUTE = Route("https://api.example", "k1", "model-a")
+
+
+def gate_at(clock: ManualClock, **settings: object) -> Gate:
+    return Gate(clock=clock, wall_clock=lambda: EPOCH + clock(), **settings)  # type: ignore[arg-type]
+
+
+def info(status: int, outcome: str, *quotas: Quota, retry_at: float | None = None) -> RateLimitInfo:
+    return RateLimitInfo("openai", status, outcome, tuple(quotas), retry_at)  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    await anyio.wait_all_tasks_blocked()
+
+
+async def run_until(
+    clock: ManualClock, done: Callable[[], bool], step: float = 0.05, limit: float = 1e4
+) -> None:
+    """Move time in small steps until ``done()`` (or fail after ``limit`` seconds)."""
+    await settle()
+    while not done():
+        assert clock() < limit, "nothing happened for too long"
+        clock.advance(step)
+        await settle()
+
+
+async def test_without_known_limits_requests_go_at_once() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    async with gate.admit("a", ROUTE) as ticket:
+        assert ticket.waited == 0 and ticket.pressure == pytest.approx(0.5)
+    assert gate.channels()[ROUTE]["in_flight"] == 0
+
+
+async def test_a_window_paces_requests_at_the_limit_after_the_burst_it_allows() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, limits={"rpm": 60})
+    admitted: list[float] = []
+
+    async def request(i: int) -> None:
+        async with gate.admit(f"agent-{i}", ROUTE):
+            admitted.append(clock())
+
+    async with anyio.create_task_group() as tg:
+        for i in range(90):
+            tg.start_soon(request, i)
+        await run_until(clock, lambda: len(admitted) == 90)
+    assert admitted[:60] == [0.0] * 60  # a full window allows a burst of its size
+    gaps = [b - a for a, b in itertools.pairwise(admitted[60:])]
+    assert all(0.95 <= g <= 1.1 for g in gaps)  # then one per second: 60 per minute
+    level, last = 60.0, 0.0  # the upstream's token bucket: 60 requests, refilled at 1/s
+    for t in admitted:
+        level = min(60.0, level + (t - last))
+        last, level = t, level - 1
+        assert level >= -1e-9, f"the upstream would refuse the request at t={t}"
+
+
+async def test_a_hold_admits_nothing_until_it_lifts_and_the_first_waiter_goes_then() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    await gate.observe(ROUTE, info(429, "quota", retry_at=EPOCH + 7.5))
+    admitted: list[float] = []
+
+    async def request() -> None:
+        async with gate.admit("a", ROUTE):
+            admitted.append(clock())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request)
+        await run_until(clock, lambda: bool(admitted), step=0.5)
+    assert admitted == [7.5]
+    explanation = await gate.explain(ROUTE)
+    assert explanation.reading.hold == 0
+
+
+async def test_an_empty_days_quota_holds_until_its_reset_an_empty_minute_only_fills_the_window() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    await gate.observe(ROUTE, info(200, "ok", Quota("rpd", 1000, 0, EPOCH + 12.0)))
+    explanation = await gate.explain(ROUTE)
+    assert explanation.reading.hold == pytest.approx(12.0)
+    assert explanation.reading.fill["rpd"] == pytest.approx(1.0)
+    assert "held for 12.00s more" in str(explanation)
+    other = Route("https://api.example", "k2")
+    await gate.observe(other, info(200, "ok", Quota("rpm", 100, 0, EPOCH + 60.0)))  # refills continuously
+    reading = await gate.read(other)
+    assert reading.hold == 0 and reading.fill["rpm"] == pytest.approx(1.0)
+    assert (await gate.explain(other)).next_admission_in is None
+
+
+async def test_headers_top_up_the_window_when_the_upstream_counts_more_than_we_did() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    await gate.observe(ROUTE, info(200, "ok", Quota("rpm", 100, 40, EPOCH + 30.0)))
+    reading = await gate.read(ROUTE)
+    assert reading.fill == {"rpm": pytest.approx(0.6)}  # another client used 60 of 100
+
+
+async def test_overload_holds_the_whole_upstream_and_backs_off_exponentially() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    other = Route(ROUTE.upstream, "k2", "model-b")
+    await gate.observe(ROUTE, info(529, "overloaded"))
+    assert (await gate.read(other)).hold == pytest.approx(1.0)
+    clock.advance(1.0)
+    await gate.observe(ROUTE, info(529, "overloaded"))
+    assert (await gate.read(other)).hold == pytest.approx(2.0)
+
+
+async def test_a_per_day_quota_fails_fast_without_waiting() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    await gate.observe(ROUTE, info(429, "daily_quota", retry_at=EPOCH + 3600))
+    with pytest.raises(QuotaExhaustedError, match="quota is exhausted") as caught:
+        await gate.acquire("a", ROUTE)
+    assert caught.value.until == EPOCH + 3600
+
+
+async def test_under_saturation_no_agent_waits_more_than_twice_its_fair_share() -> None:
+    clock = ManualClock()
+    agents, rate = 50, 50 / 60  # 50 agents on a 50 RPM window
+    gate = gate_at(clock, limits={"rpm": 50})
+    waits: dict[str, list[float]] = {f"agent-{i}": [] for i in range(agents)}
+
+    async def agent(name: str) -> None:
+        for _ in range(3):
+            async with gate.admit(name, ROUTE) as ticket:
+                waits[name].append(ticket.waited)
+
+    async with anyio.create_task_group() as tg:
+        for name in waits:
+            tg.start_soon(agent, name)
+        await run_until(clock, lambda: all(len(w) == 3 for w in waits.values()), step=0.25)
+    fair_share = agents / rate
+    assert max(max(w) for w in waits.values()) <= 2 * fair_share
+    assert max(max(w) for w in waits.values()) >= 0.5 * fair_share  # it was saturated
+
+
+async def test_priority_goes_first_but_waiting_catches_up() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, limits={"rpm": 1}, aging_rate=0.1)
+    order: list[str] = []
+    async with gate.admit("warmup", ROUTE):  # fills the one-request window
+        pass
+
+    async def request(name: str, priority: float) -> None:
+        async with gate.admit(name, ROUTE, priority):
+            order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request, "old-low", 0.2)
+        await settle()
+        clock.advance(1.0)
+        tg.start_soon(request, "new-high", 0.9)
+        await run_until(clock, lambda: len(order) == 2, step=1.0)
+    assert order == ["new-high", "old-low"]  # 0.9 beats 0.2 + 0.1 * 1 s of waiting
+
+
+async def test_max_in_flight_is_a_hard_cap_and_a_release_admits_the_next() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=2)
+    first, second = await gate.acquire("a", ROUTE), await gate.acquire("b", ROUTE)
+    admitted: list[str] = []
+
+    async def third() -> None:
+        async with gate.admit("c", ROUTE):
+            admitted.append("c")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(third)
+        await settle()
+        assert admitted == [] and (await gate.explain(ROUTE)).waiting == 1
+        gate.release(first)
+        await settle()
+        assert admitted == ["c"]
+    gate.release(second)
+
+
+async def test_max_wait_raises_a_typed_timeout_that_says_why() -> None:
+    gate = Gate(max_wait=0.01)
+    await gate.hold(ROUTE, 30.0)
+    with pytest.raises(AdmissionTimeoutError, match=r"waited more than 0\.01s"):
+        await gate.acquire("a", ROUTE)
+    assert gate.channels()[ROUTE]["waiting"] == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock)
+    await gate.hold(ROUTE, 10.0)
+    with anyio.move_on_after(0.01):
+        await gate.acquire("a", ROUTE)
+    assert gate.channels()[ROUTE] == {"waiting": 0, "in_flight": 0, "limits": {}}
+
+
+async def test_budgets_reserve_before_and_settle_after() -> None:
+    warnings: list[tuple[str, float, float]] = []
+    budgets = TokenBudgets(per_agent=1000, total=1500, warn_at=0.5, on_warning=lambda *w: warnings.append(w))
+    gate = Gate(budgets=budgets)
+    ticket = await gate.acquire("a", ROUTE, cost=Cost(200, 600))
+    with pytest.raises(BudgetExceededError, match="agent 'a'"):
+        await gate.acquire("a", ROUTE, cost=Cost(100, 200))  # 800 reserved + 300 > 1000
+    await gate.finish(ticket, input_tokens=150, output_tokens=450, ttft=None)
+    assert budgets.snapshot()["a"] == {"limit": 1000, "spent": 600, "reserved": 0}
+    assert warnings == [("a", 600, 1000)]
+    second = await gate.acquire("b", ROUTE, cost=Cost(100, 700))
+    with pytest.raises(BudgetExceededError, match="global budget"):
+        await gate.acquire("c", ROUTE, cost=Cost(100, 100))  # 600 spent + 800 reserved + 200 > 1500
+    gate.release(second)
+
+
+async def test_finish_refunds_the_unused_part_of_the_token_estimate() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, limits={"tpm": 1000})
+    ticket = await gate.acquire("a", ROUTE, cost=Cost(100, 500))
+    assert (await gate.read(ROUTE)).fill["tpm"] == pytest.approx(0.6)
+    await gate.finish(ticket, input_tokens=100, output_tokens=50, ttft=0.2)
+    assert (await gate.read(ROUTE)).fill["tpm"] == pytest.approx(0.15)
+
+
+async def test_slow_first_tokens_press_back_softly() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, latency_target=1.0)
+    ticket = await gate.acquire("a", ROUTE)
+    await gate.finish(ticket, input_tokens=1, output_tokens=1, ttft=3.0)
+    assert (await gate.read(ROUTE)).soft == pytest.approx(-1.0)
+    clock.advance(5.0)
+    assert (await gate.read(ROUTE)).soft == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"aging_rate": 0}, "aging_rate"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"limits": {"rpx": 5}}, "rpx"),
+    ],
+)
+def test_bad_settings_are_configuration_errors(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Gate(**settings)  # type: ignore[arg-type]
+
+
+async def test_tiny_spends_still_count_and_a_field_that_would_drop_them_is_refused() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, limits={"rpm": 10_000})
+    for _ in range(100):
+        gate.release(await gate.acquire("a", ROUTE))
+    assert (await gate.read(ROUTE)).fill["rpm"] == pytest.approx(0.01)
+    with pytest.raises(ConfigurationError, match="gate_field"):
+        Gate(PheromoneField())
+
+
+def test_cost_per_dimension() -> None:
+    cost = Cost(100, 50)
+    assert [cost.of(d) for d in ("rpm", "rpd", "tpm", "itpm", "otpm")] == [1, 1, 150, 100, 50]
+    assert math.isclose(Cost().of("tpm"), 0)
