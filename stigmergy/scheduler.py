@@ -268,9 +268,9 @@ class StigmergyScheduler:
         With no task added yet it waits for one. Raises
         :class:`~stigmergy.errors.UnknownDependencyError` at once for dependencies no
         task provides (with a ledger: once the loop has been idle for a tick with
-        tasks still waiting on such ids, since other workers may publish them). An error in the loop or the field (a backend that
-        went away, say) cancels running attempts and is raised as itself, not
-        wrapped in an exception group.
+        tasks still waiting on such ids, since other workers may publish them). An
+        error in the loop or the field (a backend that went away, say) cancels
+        running attempts and is raised as itself, not wrapped in an exception group.
         """
         if self._dispatcher is None:
             raise ConfigurationError("no dispatcher: call set_dispatcher(fn) before run()")
