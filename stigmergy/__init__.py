@@ -18,7 +18,8 @@ from stigmergy.backends import (
     InMemoryFieldBackend,
     backend_from_url,
 )
-from stigmergy.clock import Clock, ManualClock, monotonic_clock
+from stigmergy.budgets import TokenBudgets
+from stigmergy.clock import AcceleratedClock, Clock, ManualClock, monotonic_clock
 from stigmergy.decay import (
     DecayPolicy,
     DecayStrategy,
@@ -28,20 +29,26 @@ from stigmergy.decay import (
     StochasticDecay,
 )
 from stigmergy.errors import (
+    AdmissionError,
+    AdmissionTimeoutError,
     BackendError,
     BackendUnavailableError,
+    BudgetExceededError,
     ConfigurationError,
     DependencyCycleError,
     DuplicateTaskError,
     FieldCapacityError,
     InvalidSignalError,
     InvalidTaskError,
+    QuotaExhaustedError,
     StigmergyError,
     TaskError,
     UnknownDependencyError,
 )
 from stigmergy.events import TaskEvent
 from stigmergy.field import Contribution, Explanation, PheromoneField
+from stigmergy.gate import Cost, Gate, Route, gate_field
+from stigmergy.ratelimits import Quota, RateLimitInfo, detect_provider, parse_response
 from stigmergy.scheduler import StigmergyScheduler
 from stigmergy.signal import Signal
 from stigmergy.tasks import (
@@ -55,12 +62,17 @@ from stigmergy.tasks import (
 )
 
 __all__ = [
+    "AcceleratedClock",
+    "AdmissionError",
+    "AdmissionTimeoutError",
     "AgentDispatcher",
     "BackendError",
     "BackendUnavailableError",
+    "BudgetExceededError",
     "Clock",
     "ConfigurationError",
     "Contribution",
+    "Cost",
     "DecayPolicy",
     "DecayStrategy",
     "DependencyCycleError",
@@ -70,42 +82,55 @@ __all__ = [
     "ExponentialDecay",
     "FieldBackend",
     "FieldCapacityError",
+    "Gate",
     "InMemoryFieldBackend",
     "InvalidSignalError",
     "InvalidTaskError",
     "LinearDecay",
     "ManualClock",
     "PheromoneField",
+    "Quota",
+    "QuotaExhaustedError",
+    "RateLimitInfo",
+    "RedisFieldBackend",
+    "RedisTaskLedger",
+    "Route",
     "RunSummary",
     "SchedulerMetrics",
     "Signal",
     "StepDecay",
     "StigmergyError",
     "StigmergyScheduler",
+    "StigmergyTransport",
     "StochasticDecay",
     "TaskError",
     "TaskEvent",
     "TaskOutcome",
     "TaskSpec",
     "TaskStatus",
+    "TokenBudgets",
     "UnknownDependencyError",
     "backend_from_url",
+    "detect_provider",
+    "gate_field",
     "monotonic_clock",
+    "parse_response",
 ]
 
 __version__ = "0.1.0"
 
-#: Need the ``redis`` extra, so they load on first use: ``from stigmergy import RedisFieldBackend``.
-_REDIS_NAMES = {
+#: Loaded on first use (the Redis ones need the ``redis`` extra): ``from stigmergy import RedisFieldBackend``.
+_LAZY = {
     "RedisFieldBackend": "stigmergy.backends.redis_backend",
     "RedisTaskLedger": "stigmergy.backends.redis_ledger",
+    "StigmergyTransport": "stigmergy.integrations.httpx_transport",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _REDIS_NAMES:
+    if name in _LAZY:
         try:
-            module = importlib.import_module(_REDIS_NAMES[name])
+            module = importlib.import_module(_LAZY[name])
         except ImportError as exc:
             raise ImportError(
                 f"{name} needs the redis extra: pip install 'stigmergy-field[redis]' ({exc})"

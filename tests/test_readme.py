@@ -22,8 +22,11 @@ def test_quick_start_runs_and_prints_the_documented_pressure(capsys: pytest.Capt
     assert lines[2].startswith("pressure on agent 'coder'")
 
 
-def test_scheduler_example_runs_and_prints_what_the_readme_says(capsys: pytest.CaptureFixture[str]) -> None:
-    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[1]
+@pytest.mark.parametrize("index", [1, 2], ids=["scheduler", "transport"])
+def test_later_examples_run_and_print_what_the_readme_says(
+    index: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[index]
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out.strip()
     assert f"prints `{printed}`" in README
