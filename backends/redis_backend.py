@@ -118,36 +118,67 @@ def _describe(policy: DecayPolicy) -> str:
     )
 
 
-# A batch's summed signals gathered by (type, region, visibility, agent): "u" untargeted (agent:
-# its depositor), "t" targeted at another (agent: its target), "s" at its own depositor (agent '').
-_Totals = dict[tuple[str, str | None, str, str], list[float]]
+class _BatchSums:
+    """A batch's changes to the sum fields of redis_field.lua (0: every signal, 1: untargeted ones,
+    n: an agent's net), gathered per field so that the script reads and writes each field once."""
 
+    def __init__(self) -> None:
+        self._public: dict[tuple[str, str | None], list[float]] = {}  # -> [sum 0, count, sum 1, count]
+        self._nets: dict[
+            tuple[str, str | None, str], list[float]
+        ] = {}  # (type, region, agent) -> [sum, count]
 
-def _sum_groups(totals: _Totals, rates: dict[str, float]) -> list[list[Any]]:
-    """Per type: [type, rate, field, amount, count, ...], the batch's changes to the sum fields of
-    redis_field.lua (0: every signal, 1: untargeted ones, n: an agent's net), each field once."""
-    fields: dict[tuple[str, ...], list[float]] = {}
-
-    def change(parts: tuple[str, ...], amount: float, count: float) -> None:
-        entry = fields.get(parts)
-        if entry is None:
-            fields[parts] = [amount, count]
+    def add(
+        self, signal_type: str, agent: str, target: str | None, region: str | None, intensity: float
+    ) -> None:
+        public = self._public.get((signal_type, region))
+        if public is None:
+            public = self._public[signal_type, region] = [0.0, 0, 0.0, 0]
+        public[0] += intensity
+        public[1] += 1
+        if target is None:
+            public[2] += intensity
+            public[3] += 1
+            key, amount = (signal_type, region, agent), -intensity
+        elif target != agent:
+            key, amount = (signal_type, region, target), intensity
         else:
-            entry[0] += amount
-            entry[1] += count
+            return
+        net = self._nets.get(key)
+        if net is None:
+            self._nets[key] = [amount, 1]
+        else:
+            net[0] += amount
+            net[1] += 1
 
-    for (name, region, how, agent), (amount, count) in totals.items():
-        for place in ("", region) if region else ("",):
-            change(("0", name, place), amount, count)
-            if how == "u":
-                change(("1", name, place), amount, count)
-                change(("n", name, place, agent), -amount, count)
-            elif how == "t":
-                change(("n", name, place, agent), amount, count)
-    groups: dict[str, list[Any]] = {name: [name, rate] for name, rate in rates.items()}
-    for parts, (amount, count) in fields.items():
-        groups[parts[1]] += (_SEP.join(parts), amount, count)
-    return list(groups.values())
+    def groups(self, rates: dict[str, float]) -> list[list[Any]]:
+        """Per type: [type, rate, field, amount, count, ...], as the deposit script reads them; a
+        signal with a region counts in region '' too."""
+        fields: dict[str, dict[str, list[float]]] = {name: {} for name in rates}
+
+        def merge(name: str, field: str, amount: float, count: float) -> None:
+            entry = fields[name].get(field)
+            if entry is None:
+                fields[name][field] = [amount, count]
+            else:
+                entry[0] += amount
+                entry[1] += count
+
+        for (name, region), (sum0, count0, sum1, count1) in self._public.items():
+            for place in ("", region) if region else ("",):
+                merge(name, f"0{_SEP}{name}{_SEP}{place}", sum0, count0)
+                if count1:
+                    merge(name, f"1{_SEP}{name}{_SEP}{place}", sum1, count1)
+        for (name, region, agent), (amount, count) in self._nets.items():
+            for place in ("", region) if region else ("",):
+                merge(name, f"n{_SEP}{name}{_SEP}{place}{_SEP}{agent}", amount, count)
+        out = []
+        for name, rate in rates.items():
+            group: list[Any] = [name, rate]
+            for field, (amount, count) in fields[name].items():
+                group += (field, amount, count)
+            out.append(group)
+        return out
 
 
 class RedisFieldBackend:
@@ -364,7 +395,7 @@ class RedisFieldBackend:
         texts = list(map(repr, intensities))
         records: list[str] = []
         which: list[int] = []
-        totals: _Totals = {}
+        sums = _BatchSums()
         for agent, name, intensity, text, target, region, meta in zip(
             agents, signal_types, intensities, texts, targets, regions, metadata, strict=True
         ):
@@ -378,21 +409,10 @@ class RedisFieldBackend:
                 f"{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
             )
             if kind == "e" or kind == "s":
-                if target is None:
-                    key = (name, region, "u", agent)
-                elif target != agent:
-                    key = (name, region, "t", target)
-                else:
-                    key = (name, region, "s", "")
-                entry = totals.get(key)
-                if entry is None:
-                    totals[key] = [intensity, 1]
-                else:
-                    entry[0] += intensity
-                    entry[1] += 1
+                sums.add(name, agent, target, region, intensity)
         rates = {name: param if kind == "e" else 0.0 for name, (kind, param) in specs.items()}
         names = list({*agents, *(target for target in targets if target is not None)})
-        rest = json.dumps([which, decay, names, _sum_groups(totals, rates)])[1:-1]
+        rest = json.dumps([which, decay, names, sums.groups(rates)])[1:-1]
         # The intensities are text already (repr, as json.dumps writes floats): joined, not re-formatted.
         return f"[{json.dumps(records)},[{','.join(texts)}],{rest}]"
 
