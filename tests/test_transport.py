@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import anyio
-import httpx2
 import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
+from sdk_clients import anthropic_client, asgi, openai_client
 
 from stigmergy.budgets import GLOBAL, TokenBudgets
 from stigmergy.clock import AcceleratedClock
@@ -27,10 +27,7 @@ def anyio_backend() -> str:
 
 
 def clients(transport: StigmergyTransport, base_url: str) -> tuple[AsyncOpenAI, AsyncAnthropic]:
-    http = httpx2.AsyncClient(transport=transport)  # type: ignore[arg-type]
-    openai = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0, http_client=http)
-    anthropic = AsyncAnthropic(base_url=base_url, api_key="sk-test", max_retries=0, http_client=http)
-    return openai, anthropic
+    return openai_client(base_url, transport), anthropic_client(base_url, transport)
 
 
 async def call(openai: AsyncOpenAI, anthropic: AsyncAnthropic, kind: int) -> int:
@@ -61,8 +58,10 @@ async def call(openai: AsyncOpenAI, anthropic: AsyncAnthropic, kind: int) -> int
 async def test_both_sdks_streaming_and_not_are_paced_and_metered_in_process() -> None:
     mock = MockLLMAPI(MockConfig(output_tokens=8))
     budgets = TokenBudgets(total=1e9)
-    transport = StigmergyTransport(httpx2.ASGITransport(app=mock), gate=Gate(budgets=budgets))  # type: ignore[arg-type]
-    openai, anthropic = clients(transport, "http://mock")
+    gate = Gate(budgets=budgets)
+    # one transport per SDK: each sends through its own HTTP library
+    openai = openai_client("http://mock", StigmergyTransport(asgi(AsyncOpenAI, mock), gate=gate))
+    anthropic = anthropic_client("http://mock", StigmergyTransport(asgi(AsyncAnthropic, mock), gate=gate))
     reported = [await call(openai, anthropic, kind) for kind in range(4)]
     stats = mock.stats
     assert stats.completed == 4 and sum(reported) == stats.input_tokens + stats.output_tokens
