@@ -33,9 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stigmergy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"stigmergy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="watch agents share one rate-limited channel through the field")
-    demo.add_argument("--agents", type=int, default=8, help="how many agents (default 8)")
-    demo.add_argument("--seconds", type=float, default=30.0, help="simulated seconds (default 30)")
+    demo = commands.add_parser("demo", help="agents on one rate-limited mock API, without and with the field")
+    demo.add_argument("--agents", type=int, default=20, help="how many agents (default 20)")
+    demo.add_argument("--calls", type=int, default=3, help="calls per agent (default 3)")
+    demo.add_argument("--rpm", type=int, default=20, help="the mock API's requests per minute (default 20)")
+    demo.add_argument("--speed", type=float, default=8.0, help="how much faster time runs (default 8)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the injected faults (default 7)")
+    demo.add_argument("--plot", metavar="FILE.png", help="draw both runs over time (needs matplotlib)")
     mock = commands.add_parser(
         "mock-api", help="serve a mock OpenAI/Anthropic API with rate limits and faults"
     )
@@ -46,9 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         mock.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=metavar, help=text)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from stigmergy.demo import run_demo
+        from stigmergy.demo import DemoSettings, run_demo
+        from stigmergy.errors import ConfigurationError
 
-        return run_demo(agents=args.agents, seconds=args.seconds)
+        try:
+            demo_settings = DemoSettings(args.agents, args.calls, args.rpm, args.speed, seed=args.seed)
+        except ConfigurationError as exc:
+            print(f"stigmergy demo: {exc}", file=sys.stderr)
+            return 2
+        return run_demo(demo_settings, args.plot)
     if args.command == "mock-api":
         from stigmergy.mock_api import run_mock_api
 

@@ -1,102 +1,298 @@
-"""``stigmergy demo``: agents sharing one rate-limited API, without and with the field.
+"""``stigmergy demo``: twenty agents, one rate-limited API, without and with the field.
 
-A simulation on a manual clock (it runs in a moment, no network): an upstream
-allows ``limit`` requests per ``window`` seconds and answers 429 past that.
-Uncoordinated agents fire whenever they are ready and retry a second after a 429.
-Coordinated agents deposit a step-decaying ``request`` signal (-1/limit, lasting one
-window) at the channel for every call and fire only while the channel's pressure
-leaves room: the field is their shared memory of what the window holds.
+Everything runs in this process: the mock provider (``MockLLMAPI``, with a tight
+requests-per-minute limit, 502s and connection resets) is reached through
+``httpx.ASGITransport``, and time runs ``speed`` times faster for the mock, the gate
+and the agents alike (one :class:`AcceleratedClock`), so a few minutes of traffic
+take well under a minute. No keys, no server.
+
+- **Uncoordinated**: each agent calls the API directly with the official SDKs'
+  default retry policy (two retries for 408/409/429/5xx and connection errors,
+  waiting ``retry-after`` when it is at most 60 s, else ``min(0.5 * 2**n, 8)`` s with
+  jitter). An agent whose call still fails gives up: it died.
+- **Through stigmergy**: the same agents send through :class:`StigmergyTransport`
+  on one :class:`Gate`; they never retry themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
+import importlib
+import math
 import random
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from stigmergy.backends.memory import InMemoryFieldBackend
-from stigmergy.clock import ManualClock
-from stigmergy.decay import StepDecay
-from stigmergy.field import PheromoneField
+import anyio
+import httpx
 
-STEP = 0.05  # simulated seconds per tick
-CHANNEL = "api"
+from stigmergy.clock import AcceleratedClock
+from stigmergy.errors import ConfigurationError
+from stigmergy.gate import Gate
+from stigmergy.integrations.httpx_transport import StigmergyTransport
+from stigmergy.mock_api import MockConfig, MockLLMAPI
+
+RETRYABLE = frozenset({408, 409, 429})
+PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; the defaults take about half a minute per run."""
+
+    agents: int = 20
+    calls: int = 3  # per agent
+    rpm: int = 20
+    speed: float = 8.0
+    p502: float = 0.05
+    p_reset: float = 0.03
+    ttft: float = 1.0  # mock seconds to the first token
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        for name in ("agents", "calls", "rpm"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.speed > 0:
+            raise ConfigurationError(f"--speed must be > 0, got {self.speed}")
 
 
 @dataclass
-class Outcome:
-    """What one run cost."""
+class RunResult:
+    """One run, as the final table shows it; ``samples`` are (t, in flight, done, 429s) for the plot."""
 
     name: str
     calls: int
-    rejected: int
-    makespan: float
+    completed: int = 0
+    failed: int = 0
+    dead: int = 0
+    attempts: int = 0
+    rate_limited: int = 0
+    wasted_tokens: int = 0
+    makespan: float = 0.0
+    goodput: float = 0.0
+    status: dict[str, str] = field(default_factory=dict)
+    in_flight: int = 0
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
 
 
-class Upstream:
-    """Fixed-window rate limit, as most LLM APIs enforce per minute."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit, self.window = limit, window
-        self.accepted: list[float] = []
-        self.rejected = 0
-
-    def call(self, now: float) -> bool:
-        start = now - now % self.window
-        if sum(1 for t in self.accepted if t >= start) >= self.limit:
-            self.rejected += 1
-            return False
-        self.accepted.append(now)
-        return True
+def _payload(agent: int, call: int) -> dict[str, Any]:
+    question = f"agent {agent}, step {call}: summarise the findings so far. " * 4
+    return {"model": "mock-model", "max_tokens": 32, "messages": [{"role": "user", "content": question}]}
 
 
-async def _simulate(
-    coordinated: bool, agents: int, calls: int, limit: int, window: float, seed: int
-) -> Outcome:
-    rng = random.Random(seed)
-    clock = ManualClock()
-    field = PheromoneField(InMemoryFieldBackend(clock=clock), StepDecay(window))
-    upstream = Upstream(limit, window)
-    left = {f"agent-{i:02d}": calls for i in range(agents)}
-    ready_at = {name: rng.uniform(0, 1) for name in left}
-    while any(left.values()):
-        now = clock()
-        for name in rng.sample(sorted(left), len(left)):
-            if not left[name] or ready_at[name] > now:
+def _sdk_delay(response: httpx.Response | None, attempt: int, rng: random.Random) -> float:
+    """The openai/anthropic SDKs' wait before retry ``attempt`` (0-based)."""
+    if response is not None:
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                delay = float(response.headers.get(name, "")) * scale
+            except ValueError:
                 continue
-            if coordinated:
-                room = 1.0 + await field.read_pressure(region=CHANNEL)
-                if room < 1.0 / limit - 1e-9:  # the window is full: wait, do not spend a call
-                    continue
-                await field.deposit(name, "request", -1.0 / limit, region=CHANNEL)
-            if upstream.call(now):
-                left[name] -= 1
-                ready_at[name] = now + rng.uniform(0.2, 1.0)  # the agent thinks, then calls again
-            else:
-                ready_at[name] = now + 1.0
-        clock.advance(STEP)
-    label = "through the field" if coordinated else "uncoordinated"
-    return Outcome(label, len(upstream.accepted) + upstream.rejected, upstream.rejected, clock())
+            if 0 < delay <= 60:
+                return delay
+    return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * rng.random())
 
 
-def run_demo(agents: int = 8, seconds: float = 30.0, seed: int = 7) -> int:
-    """Run both simulations and print them side by side; returns an exit code."""
-    if agents < 1 or seconds <= 0:
-        print("stigmergy demo: --agents must be >= 1 and --seconds > 0")
-        return 2
-    window, limit = 10.0, max(1, agents)
-    calls = max(1, int(seconds / window * limit / agents))
-    print(
-        f"{agents} agents, {calls} calls each, sharing an API that allows {limit} requests "
-        f"per {window:g} s (simulated time)\n"
+async def _sdk_call(
+    client: httpx.AsyncClient, payload: dict[str, Any], clock: AcceleratedClock, rng: random.Random
+) -> bool:
+    for attempt in range(3):
+        response: httpx.Response | None = None
+        try:
+            response = await client.post(PATH, json=payload)
+        except httpx.TransportError:
+            pass
+        else:
+            if response.status_code < 400:
+                return True
+            if response.status_code not in RETRYABLE and response.status_code < 500:
+                return False
+        if attempt == 2:
+            return False
+        await clock.sleep(_sdk_delay(response, attempt, rng))
+    return False
+
+
+async def _run(
+    name: str,
+    settings: DemoSettings,
+    call: Callable[[int, int, AcceleratedClock, MockLLMAPI], Awaitable[bool]],
+    on_sample: Callable[[RunResult, float], None] | None,
+    setup: Callable[[AcceleratedClock, MockLLMAPI], None],
+) -> RunResult:
+    clock = AcceleratedClock(settings.speed)
+    config = MockConfig(
+        rpm=settings.rpm, p502=settings.p502, p_reset=settings.p_reset, ttft=settings.ttft, seed=settings.seed
     )
-    results = [
-        asyncio.run(_simulate(coordinated, agents, calls, limit, window, seed))
-        for coordinated in (False, True)
+    mock = MockLLMAPI(config, clock=clock, wall_clock=clock.wall, sleep=clock.sleep)
+    setup(clock, mock)
+    result = RunResult(name, settings.agents * settings.calls)
+    start = clock()
+
+    async def agent(n: int) -> None:
+        key = f"agent-{n:02d}"
+        for step in range(settings.calls):
+            result.status[key] = f"call {step + 1}"
+            result.in_flight += 1
+            try:
+                ok = await call(n, step, clock, mock)
+            finally:
+                result.in_flight -= 1
+            if not ok:
+                result.failed += 1
+                result.dead += 1
+                result.status[key] = "died"
+                return
+            result.completed += 1
+        result.status[key] = "done"
+
+    async def sample() -> None:
+        while True:
+            result.rate_limited = mock.stats.rate_limited
+            result.samples.append((clock() - start, result.in_flight, result.completed, result.rate_limited))
+            if on_sample is not None:
+                on_sample(result, clock() - start)
+            await clock.sleep(0.5)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sample)
+        async with anyio.create_task_group() as agents:
+            for n in range(settings.agents):
+                agents.start_soon(agent, n)
+        tg.cancel_scope.cancel()
+    stats = mock.stats
+    result.makespan = clock() - start
+    result.attempts, result.rate_limited = stats.attempts, stats.rate_limited
+    prompt = math.ceil(len(_payload(0, 0)["messages"][0]["content"]) / 4)
+    result.wasted_tokens = stats.resets * prompt  # charged, never answered
+    allowed = settings.rpm * (1 + result.makespan / 60)  # a full bucket, then its refill
+    result.goodput = result.completed / allowed
+    return result
+
+
+async def run_both(
+    settings: DemoSettings, on_sample: Callable[[RunResult, float], None] | None = None
+) -> tuple[RunResult, RunResult]:
+    """The uncoordinated run, then the one through stigmergy."""
+    rng = random.Random(settings.seed)
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    def direct(clock: AcceleratedClock, mock: MockLLMAPI) -> None:
+        clients["direct"] = httpx.AsyncClient(transport=httpx.ASGITransport(app=mock), base_url="http://mock")
+
+    async def call_direct(n: int, step: int, clock: AcceleratedClock, mock: MockLLMAPI) -> bool:
+        return await _sdk_call(clients["direct"], _payload(n, step), clock, rng)
+
+    gates: dict[str, Gate] = {}
+
+    def paced(clock: AcceleratedClock, mock: MockLLMAPI) -> None:
+        gates["gate"] = gate = Gate(clock=clock)
+        for n in range(settings.agents):
+            transport = StigmergyTransport(
+                httpx.ASGITransport(app=mock), gate=gate, agent_id=f"agent-{n:02d}"
+            )
+            clients[f"agent-{n}"] = httpx.AsyncClient(transport=transport, base_url="http://mock")
+
+    async def call_paced(n: int, step: int, clock: AcceleratedClock, mock: MockLLMAPI) -> bool:
+        response = await clients[f"agent-{n}"].post(PATH, json=_payload(n, step))
+        return response.status_code < 400
+
+    first = await _run("uncoordinated", settings, call_direct, on_sample, direct)
+    second = await _run("through stigmergy", settings, call_paced, on_sample, paced)
+    for client in clients.values():
+        await client.aclose()
+    return first, second
+
+
+def table(results: tuple[RunResult, RunResult], settings: DemoSettings) -> str:
+    """The side-by-side comparison the demo ends with."""
+    rows: list[tuple[str, Callable[[RunResult], str]]] = [
+        ("agents that died", lambda r: f"{r.dead} of {settings.agents}"),
+        ("client-visible failures", lambda r: str(r.failed)),
+        ("calls completed", lambda r: f"{r.completed} of {r.calls}"),
+        ("upstream attempts", lambda r: str(r.attempts)),
+        ("upstream 429s", lambda r: str(r.rate_limited)),
+        ("wasted tokens", lambda r: str(r.wasted_tokens)),
+        ("makespan (API seconds)", lambda r: f"{r.makespan:.0f}"),
+        ("goodput, share of what the limit allowed", lambda r: f"{r.goodput:.0%}"),
     ]
-    print(f"{'':20}{'requests sent':>15}{'429s':>8}{'makespan':>11}")
-    for r in results:
-        print(f"{r.name:20}{r.calls:>15}{r.rejected:>8}{r.makespan:>10.1f}s")
-    lower_bound = (agents * calls - 1) // limit * window
-    print(f"\nlower bound set by the limit: {lower_bound:.1f}s")
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'':{width}}  {results[0].name:>15}  {results[1].name:>18}"]
+    lines += [f"{label:{width}}  {show(results[0]):>15}  {show(results[1]):>18}" for label, show in rows]
+    return "\n".join(lines)
+
+
+def plot(results: tuple[RunResult, RunResult], path: str) -> None:
+    """In flight, completions and upstream 429s over time for both runs (needs matplotlib)."""
+    try:
+        importlib.import_module("matplotlib").use("Agg")  # files only, no window
+        plt: Any = importlib.import_module("matplotlib.pyplot")
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--plot needs matplotlib: pip install 'stigmergy-field[bench]' ({exc})"
+        ) from None
+    figure, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    for result in results:
+        times = [sample[0] for sample in result.samples]
+        for axis, column in zip(axes, (1, 2, 3), strict=True):
+            axis.plot(times, [sample[column] for sample in result.samples], label=result.name)
+    for axis, title in zip(
+        axes, ("calls outstanding (waiting or in flight)", "calls completed", "upstream 429s"), strict=True
+    ):
+        axis.set_title(title)
+        axis.legend()
+    axes[2].set_xlabel("API seconds")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def run_demo(settings: DemoSettings | None = None, plot_path: str | None = None, live: bool = True) -> int:
+    """Run both, show progress (with rich, when on a terminal), print the table; 0 on success."""
+    settings = settings or DemoSettings()
+    print(
+        f"{settings.agents} agents x {settings.calls} calls, one API at {settings.rpm} requests/minute "
+        f"with {settings.p502:.0%} 502s and {settings.p_reset:.0%} connection resets "
+        f"(time runs {settings.speed:g}x faster, in this process)"
+    )
+    with _progress(live) as on_sample:
+        results = anyio.run(run_both, settings, on_sample)
+    print(table(results, settings))
+    if plot_path:
+        plot(results, plot_path)
+        print(f"plot written to {plot_path}")
     return 0
+
+
+class _progress:
+    """A live line per run on a terminal (rich), nothing otherwise."""
+
+    def __init__(self, live: bool) -> None:
+        self._live: Any = None
+        if live:
+            try:
+                from rich.console import Console
+                from rich.live import Live
+            except ImportError:
+                return
+            console = Console()
+            if console.is_terminal:
+                self._live = Live(console=console, refresh_per_second=8, transient=True)
+
+    def __enter__(self) -> Callable[[RunResult, float], None] | None:
+        if self._live is None:
+            return None
+        self._live.__enter__()
+        return self._update
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def _update(self, result: RunResult, t: float) -> None:
+        glyph = {"done": "[green]●[/]", "died": "[red]✗[/]"}
+        agents = " ".join(glyph.get(s, "[yellow]…[/]") for _, s in sorted(result.status.items()))
+        self._live.update(
+            f"[bold]{result.name}[/]  t={t:5.0f}s  done {result.completed}/{result.calls}  "
+            f"in flight {result.in_flight}  429s {result.rate_limited}  died {result.dead}\n{agents}"
+        )

@@ -17,17 +17,21 @@ def stigmergy_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "stigmergy.cli"]
 
 
-def test_demo_runs_and_the_field_prevents_429s() -> None:
-    result = subprocess.run([*stigmergy_command(), "demo"], capture_output=True, text=True, timeout=120)
+def test_demo_runs_and_the_field_prevents_failures_and_429s(tmp_path: Path) -> None:
+    plot = tmp_path / "demo.png"
+    result = subprocess.run(
+        [*stigmergy_command(), "demo", "--agents", "10", "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    rows = {
-        line.split()[0]: line.split()
-        for line in result.stdout.splitlines()
-        if line.startswith(("uncoord", "through"))
-    }
-    uncoordinated_429s, coordinated_429s = int(rows["uncoordinated"][2]), int(rows["through"][4])
-    assert coordinated_429s == 0
-    assert uncoordinated_429s > 0
+    rows = {line[:40].strip(): line[40:].split() for line in result.stdout.splitlines()[2:] if line.strip()}
+    failures, limited = rows["client-visible failures"], rows["upstream 429s"]
+    assert failures[1] == "0" and limited[1] == "0"  # through stigmergy
+    assert int(failures[0]) > 0 and int(limited[0]) > 0  # uncoordinated, with the SDKs' retries
+    assert rows["calls completed"][-3:] == ["30", "of", "30"]
+    assert plot.stat().st_size > 10_000
 
 
 def test_version_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,3 +42,4 @@ def test_version_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         main(["no-such-command"])
     assert exit_info.value.code == 2
     assert main(["demo", "--agents", "0"]) == 2
+    assert "--agents must be at least 1" in capsys.readouterr().err
