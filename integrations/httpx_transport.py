@@ -147,7 +147,8 @@ class StigmergyTransport(httpx.AsyncBaseTransport):
         max_retries: int = 8,
         default_max_tokens: int = 1024,
     ) -> None:
-        self._inner = transport  # default: the request's library's own, made on first use
+        self._inner = transport
+        self._own: dict[str, Any] = {}  # without one: each request library's own transport, made on first use
         self.gate = gate if gate is not None else Gate()
         self.agent_id = agent_id
         self.priority = priority
@@ -157,9 +158,11 @@ class StigmergyTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         lib = _library(request)
-        if self._inner is None:
-            self._inner = lib.AsyncHTTPTransport()
         inner: Any = self._inner
+        if inner is None:
+            inner = self._own.get(lib.__name__) or self._own.setdefault(
+                lib.__name__, lib.AsyncHTTPTransport()
+            )
         transport_errors = (httpx.TransportError, lib.TransportError)
         agent_id = request.headers.pop(AGENT_HEADER, None) or self.agent_id
         priority = _priority(request.headers.pop(PRIORITY_HEADER, None), self.priority)
@@ -227,8 +230,9 @@ class StigmergyTransport(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def aclose(self) -> None:
-        if self._inner is not None:
-            await self._inner.aclose()
+        for transport in [self._inner, *self._own.values()]:
+            if transport is not None:
+                await transport.aclose()
 
 
 def _priority(value: Any, default: float) -> float:
