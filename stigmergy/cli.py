@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, kind, text in MOCK_API_FLAGS:
         metavar = "N" if kind is int else "X"
         mock.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=metavar, help=text)
+    _add_proxy_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("proxy", "setup"):
+        return _run_proxy_command(args)
     if args.command == "demo":
         from stigmergy.demo import DemoSettings, run_demo
         from stigmergy.errors import ConfigurationError
@@ -67,6 +71,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return run_mock_api(settings, host=args.host, port=args.port)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _add_proxy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``stigmergy proxy`` (every setting also a STIGMERGY_* variable) and ``stigmergy setup <tool>``."""
+    from stigmergy.integrations.proxy_config import OPTIONS
+    from stigmergy.integrations.proxy_setup import DEFAULT_URL, TOOLS
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="serve a transparent LLM API proxy that paces every request through the field",
+        description="Flags override the STIGMERGY_* variable named after each flag "
+        "(--max-in-flight: STIGMERGY_MAX_IN_FLIGHT); config errors exit with code 2.",
+    )
+    for option in OPTIONS:
+        if option.switch:
+            proxy.add_argument(option.flag, dest=option.name, action="store_true", help=option.help)
+        else:
+            proxy.add_argument(option.flag, dest=option.name, metavar="VALUE", help=option.help)
+    setup = commands.add_parser("setup", help="print the settings that point a tool at the proxy")
+    setup.add_argument("tool", choices=sorted(TOOLS), help="the tool to configure")
+    setup.add_argument("--url", default=DEFAULT_URL, help=f"the proxy's address (default {DEFAULT_URL})")
+    setup.add_argument("--agent", help="the agent name its requests carry (default: the tool's name)")
+    setup.add_argument("--token", action="store_true", help="the proxy requires an access token")
+
+
+def _run_proxy_command(args: argparse.Namespace) -> int:
+    from stigmergy.errors import ConfigurationError
+    from stigmergy.integrations.proxy_config import OPTIONS, config_from
+    from stigmergy.integrations.proxy_setup import setup_text
+
+    if args.command == "setup":
+        print(setup_text(args.tool, url=args.url, agent=args.agent, token=args.token), end="")
+        return 0
+    try:
+        config = config_from({o.name: getattr(args, o.name) for o in OPTIONS}, os.environ)
+        from stigmergy.integrations.proxy_server import run_proxy
+    except ConfigurationError as exc:
+        print(f"stigmergy proxy: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"stigmergy proxy: pip install 'stigmergy-field[proxy]' ({exc})", file=sys.stderr)
+        return 2
+    return run_proxy(config)
 
 
 if __name__ == "__main__":

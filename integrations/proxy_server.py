@@ -1,0 +1,106 @@
+"""Serving the proxy on uvicorn: in a running loop for tests (:func:`serve_proxy`), or as the CLI.
+
+uvicorn's access log is off (it would print query strings, where Gemini keys
+travel): the proxy logs one redacted line per request itself. Its ``server`` and
+``date`` headers are off too, so the upstream's reach the client unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import uvicorn
+
+from stigmergy.clock import Clock
+from stigmergy.integrations.proxy import ProxyApp, create_proxy_app
+from stigmergy.integrations.proxy_config import ProxyConfig
+
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves Ctrl-C to the program hosting it (tests, benchmarks)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _server(app: ASGIApp, host: str, port: int, *, embedded: bool) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="auto",
+        http="h11",
+        proxy_headers=False,
+        ws="none",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        log_level="warning",
+        log_config=None if embedded else uvicorn.config.LOGGING_CONFIG,
+        timeout_graceful_shutdown=1 if embedded else 10,
+    )
+    return _Server(config) if embedded else uvicorn.Server(config)
+
+
+def _url(server: uvicorn.Server) -> str:
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _started(server: uvicorn.Server, serving: asyncio.Future[None]) -> str:
+    while not server.started:
+        if serving.done():
+            serving.result()  # startup failed: raise why
+            raise RuntimeError("the proxy stopped before it started")
+        await asyncio.sleep(0.005)
+    return _url(server)
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: ASGIApp, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve any ASGI app on a free port of ``host`` inside the running asyncio loop; yields its URL.
+
+    The server runs as a plain asyncio task (uvicorn needs asyncio), so errors in the
+    ``with`` body come out as themselves, not wrapped in an exception group.
+    """
+    server = _server(app, host, 0, embedded=True)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        yield await _started(server, serving)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@contextlib.asynccontextmanager
+async def serve_proxy(
+    config: ProxyConfig | ProxyApp, *, clock: Clock | None = None
+) -> AsyncIterator[tuple[str, ProxyApp]]:
+    """Serve the proxy in the running loop on a free port (``config.port`` is ignored); yields URL and app."""
+    app = config if isinstance(config, ProxyApp) else create_proxy_app(config, clock=clock)
+    async with serve_asgi(app, app.config.host) as url:
+        yield url, app
+
+
+def run_proxy(config: ProxyConfig) -> int:
+    """``stigmergy proxy``: serve until Ctrl-C; returns the exit code."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stigmergy").setLevel(config.log_level.upper())
+    app = create_proxy_app(config)
+    server = _server(app, config.host, config.port, embedded=False)
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(server.serve())
+        url = await _started(server, serving)  # uvicorn logs why it cannot listen, and exits 1
+        print(f"stigmergy proxy: {url} -> {config.upstream} ({config.provider_name})", flush=True)
+        await serving
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
