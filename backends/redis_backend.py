@@ -47,7 +47,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Redis backend needs the redis package: pip install 'stigmergy-field[redis]'"
     ) from exc
 
-_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents")
+_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index")
+_BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
 _SEP = "\x1f"
 _LAYOUT = 2  # of records and sums in redis_field.lua: a field written with another is refused
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
@@ -387,6 +388,11 @@ class RedisFieldBackend:
         sums per field are made here, each intensity formatted once: this process's time is its
         own, while the script's is taken from every client of the field."""
         specs = {name: self._spec_of(name) for name in dict.fromkeys(signal_types)}
+        batched = {
+            name
+            for name, (kind, _) in specs.items()
+            if kind != "x" and signal_types.count(name) >= _BATCHED  # x: rates differ, so no common order
+        }
         decay = [[kind, param] for kind, param in specs.values()]
         spec_of = {name: (k, kind, repr(param)) for k, (name, (kind, param)) in enumerate(specs.items(), 1)}
         draws = {
@@ -395,24 +401,35 @@ class RedisFieldBackend:
         texts = list(map(repr, intensities))
         records: list[str] = []
         which: list[int] = []
+        alone: list[int] = []
         sums = _BatchSums()
-        for agent, name, intensity, text, target, region, meta in zip(
-            agents, signal_types, intensities, texts, targets, regions, metadata, strict=True
+        for position, (agent, name, intensity, text, target, region, meta) in enumerate(
+            zip(agents, signal_types, intensities, texts, targets, regions, metadata, strict=True), 1
         ):
             spec, kind, param = spec_of[name]
             if kind == "x":  # stochastic: each signal draws its own rate
                 decay.append([kind, next(draws[name])])
                 spec, param = len(decay), repr(decay[-1][1])
             which.append(spec)
+            own = "" if name in batched else "1"
+            if own:
+                alone.append(position)
             records.append(
-                f"{text}{_SEP}{kind}{_SEP}{param}{_SEP}{agent}{_SEP}{name}{_SEP}{target or ''}{_SEP}"
-                f"{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
+                f"{text}{_SEP}{kind}{_SEP}{param}{_SEP}{own}{_SEP}{agent}{_SEP}{name}{_SEP}"
+                f"{target or ''}{_SEP}{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
             )
             if kind == "e" or kind == "s":
                 sums.add(name, agent, target, region, intensity)
         rates = {name: param if kind == "e" else 0.0 for name, (kind, param) in specs.items()}
         names = list({*agents, *(target for target in targets if target is not None)})
-        rest = json.dumps([which, decay, names, sums.groups(rates)])[1:-1]
+        batches = []
+        if batched:  # positions in order of expiry: of |I|, within one type
+            magnitudes = np.abs(np.asarray(intensities, dtype=np.float64))
+            for name in batched:
+                members = np.array([k for k, other in enumerate(signal_types) if other == name])
+                order = members[np.argsort(magnitudes[members], kind="stable")] + 1
+                batches.append(",".join(map(str, order.tolist())) + ",")
+        rest = json.dumps([which, decay, names, sums.groups(rates), alone, batches])[1:-1]
         # The intensities are text already (repr, as json.dumps writes floats): joined, not re-formatted.
         return f"[{json.dumps(records)},[{','.join(texts)}],{rest}]"
 
@@ -464,7 +481,7 @@ class RedisFieldBackend:
         out = []
         for i in range(0, len(reply) - 1, 4):  # id, record, value, evaporation time
             fields = _text(reply[i + 1]).split(_SEP)
-            intensity, _kind, _param, agent, signal_type, target, region, meta, t0 = fields
+            intensity, _kind, _param, _own, agent, signal_type, target, region, meta, t0 = fields
             deposited = float(t0)
             signal = Signal(
                 id=_text(reply[i]),

@@ -1,8 +1,9 @@
 -- stigmergy field scripts for Redis. Each script is this prelude plus one body.
 --
 -- KEYS (all share one hash tag, so they live in one cluster slot):
---   1 sig     hash  id -> record: I \31 kind \31 param \31 agent \31 type \31 target \31 region \31 meta \31 t0
---   2 exp     zset  id -> expiry = t0 + lifetime (every signal; retired when expiry <= now)
+--   1 sig     hash  id -> record: I \31 kind \31 param \31 own \31 agent \31 type \31 target \31 region \31 meta \31 t0
+--   2 exp     zset  what retires when: signals indexed on their own (own = '1') under their id, the
+--                   others by batch (below); score = expiry = t0 + lifetime
 --   3 acc     hash  sum field (below) -> A, a sum of 'e' and 's' signals in landmark form
 --   4 count   hash  same fields -> how many live signals the sum holds (at 0 the sum is dropped)
 --   5 gen     set   ids of signals evaluated one by one ('l' linear, 'x' own-rate exponential)
@@ -10,6 +11,11 @@
 --   7 evap    string  signals retired since the last evaporate()
 --   8 types   hash  type -> "rate|epoch": the decay rate of its sums and their landmark time
 --   9 agents  set   agents seen (depositors and targets)
+--  10 index   hash  batch -> "first id|positions": a deposit's signals of one type, as positions
+--                   (from 1, each followed by ',') in order of expiry; in exp as 'b' .. first id .. '.' .. n
+--                   under the expiry of its next signal. One zset entry per batch instead of per signal:
+--                   ZADD is the dearest part of a deposit. Decay is monotonic in |I| for one type, so the
+--                   client orders them; a rescaled signal leaves its batch for an entry of its own.
 -- ARGV[1] = now ('' = the server's TIME), ARGV[2] = evaporation threshold, ARGV[3] = idle TTL (s).
 --
 -- Records and sum fields join their parts with \31, which no part contains (names are printable,
@@ -33,8 +39,8 @@
 -- per batch, not per signal, and hand numbers to redis.call as numbers: Redis writes them with 17
 -- significant digits (exact) in C.
 
-local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
@@ -60,18 +66,18 @@ local function lifetime(I, kind, param)
   return log(m / THRESHOLD) / param
 end
 
-local RECORD = '^' .. string.rep('([^\31]*)\31', 8) .. '(.*)$'
+local RECORD = '^' .. string.rep('([^\31]*)\31', 9) .. '(.*)$'
 
 local function decode(raw)
-  local I, kind, param, agent, t, target, region, meta, t0 = string.match(raw, RECORD)
-  local r = {I = tonumber(I), kind = kind, param = tonumber(param), agent = agent, type = t, target = target,
-             region = region, meta = meta, t0 = tonumber(t0)}
+  local I, kind, param, own, agent, t, target, region, meta, t0 = string.match(raw, RECORD)
+  local r = {I = tonumber(I), kind = kind, param = tonumber(param), own = own, agent = agent, type = t,
+             target = target, region = region, meta = meta, t0 = tonumber(t0)}
   r.expiry = r.t0 + lifetime(r.I, kind, r.param)  -- as the deposit computed it for the exp zset
   return r
 end
 
 local function encode(r)
-  return table.concat({fmt(r.I), r.kind, fmt(r.param), r.agent, r.type, r.target, r.region, r.meta,
+  return table.concat({fmt(r.I), r.kind, fmt(r.param), r.own, r.agent, r.type, r.target, r.region, r.meta,
                        fmt(r.t0)}, '\31')
 end
 
@@ -222,29 +228,79 @@ local function acc_flush()
   CHANGES = {fields = {}, amount = {}, count = {}}
 end
 
--- Delete signals (ids with their records; false records are ids already gone) and take them out
+-- Delete signals (ids with their decoded records, false for ids already gone) and take them out
 -- of their sums. Returns how many existed.
-local function forget(ids, raws)
-  local existing, generic = {}, {}
+local function forget(ids, records)
+  local existing, own, generic = {}, {}, {}
   for k, id in ipairs(ids) do
-    if raws[k] then
-      local r = decode(raws[k])
+    local r = records[k]
+    if r then
       existing[#existing + 1] = id
+      if r.own ~= '' then own[#own + 1] = id end
       if summed(r) then acc_add(r, -landmark(r, r.I), -1) else generic[#generic + 1] = id end
     end
   end
   acc_flush()
   call_chunked('HDEL', K_SIG, existing, 1)
-  call_chunked('ZREM', K_EXP, ids, 1)
+  call_chunked('ZREM', K_EXP, own, 1)
   call_chunked('SREM', K_GEN, generic, 1)
   return #existing
+end
+
+-- Collect the due signals of a batch (see index), in order, into ids and records; index the rest
+-- under the expiry of the first one not due. Signals gone or indexed on their own are passed over.
+local function walk(batch, now, ids, records)
+  local value = redis.call('HGET', K_INDEX, batch)
+  if not value then  -- its key expired apart from exp's
+    redis.call('ZREM', K_EXP, batch)
+    return
+  end
+  local first, rest = string.match(value, '^(%d+)|(.*)$')
+  local base, at, chunk = tonumber(first) - 1, 1, 8  -- read a few records, then more if all were due
+  while at <= #rest do
+    local some, starts, p = {}, {}, at
+    while #some < chunk and p <= #rest do
+      local comma = string.find(rest, ',', p, true)
+      starts[#some + 1] = p
+      some[#some + 1] = string.format('%d', base + tonumber(string.sub(rest, p, comma - 1)))
+      p = comma + 1
+    end
+    local raws = hmget(K_SIG, some)
+    for k, id in ipairs(some) do
+      local r = raws[k] and decode(raws[k])
+      if r and r.own == '' then
+        if r.expiry > now then
+          redis.call('HSET', K_INDEX, batch, first .. '|' .. string.sub(rest, starts[k]))
+          redis.call('ZADD', K_EXP, r.expiry, batch)
+          return
+        end
+        ids[#ids + 1], records[#records + 1] = id, r
+      end
+    end
+    at, chunk = p, chunk * 2
+  end
+  redis.call('HDEL', K_INDEX, batch)
+  redis.call('ZREM', K_EXP, batch)
 end
 
 -- Retire every signal whose evaporation time has come: readings never include them.
 local function expire(now)
   local due = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', fmt(now))
   if #due == 0 then return end
-  local retired = forget(due, hmget(K_SIG, due))
+  local ids, records, alone = {}, {}, {}
+  for _, member in ipairs(due) do
+    if string.byte(member) == 98 then walk(member, now, ids, records) else alone[#alone + 1] = member end
+  end
+  local raws, gone = hmget(K_SIG, alone), {}
+  for k, id in ipairs(alone) do
+    if raws[k] then
+      ids[#ids + 1], records[#records + 1] = id, decode(raws[k])
+    else
+      gone[#gone + 1] = id  -- its record's key expired apart from exp's
+    end
+  end
+  call_chunked('ZREM', K_EXP, gone, 1)
+  local retired = forget(ids, records)
   if retired > 0 then redis.call('INCRBY', K_EVAP, retired) end
 end
 
@@ -297,29 +353,46 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4]: JSON [records, intensities, specs, decay, names, types] from RedisFieldBackend._deposits,
--- so that this script, which every client of the field waits on, parses and formats nothing per signal:
+-- ARGV[4]: JSON [records, intensities, specs, decay, names, types, alone, batches] from
+-- RedisFieldBackend._deposits, so that this script, which every client of the field waits on, parses
+-- and formats nothing per signal:
 --   records      each signal's record up to its deposit time (appended here)
 --   intensities  each signal's intensity
 --   specs        each signal's decay, a position in decay
 --   decay        [kind, param] pairs
 --   names        the agents the batch names, depositors and targets, each once
---   types      per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
---              changes to each sum field, amounts being sums of intensities (landmark form is made here)
+--   types        per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
+--                changes to each sum field, amounts being sums of intensities (landmark form is made here)
+--   alone        positions of the signals indexed on their own (record's own = '1')
+--   batches      positions of the others, per type, as index stores them
 expire(NOW)
 local batch = cjson.decode(ARGV[4])
-local records, intensities, specs, decay, names, types = batch[1], batch[2], batch[3], batch[4], batch[5], batch[6]
+local records, intensities, specs, decay, names, types, alone, batches =
+  batch[1], batch[2], batch[3], batch[4], batch[5], batch[6], batch[7], batch[8]
 local n = #records
 local first = redis.call('INCRBY', K_SEQ, n) - n + 1
+local first_id = string.format('%d', first)
 local stamp = '\31' .. fmt(NOW)
-local sig, exp, gen = {}, {}, {}
+local sig, exp, gen, index = {}, {}, {}, {}
 for k = 1, n do
-  local id = string.format('%d', first + k - 1)  -- a number would be formatted by HSET and by ZADD
-  local spec = decay[specs[k]]
-  local kind = spec[1]
+  local id = string.format('%d', first + k - 1)
   sig[2 * k - 1], sig[2 * k] = id, records[k] .. stamp
-  exp[2 * k - 1], exp[2 * k] = NOW + lifetime(intensities[k], kind, spec[2]), id
+  local kind = decay[specs[k]][1]
   if kind == 'l' or kind == 'x' then gen[#gen + 1] = id end
+end
+local function expiry(k)
+  local spec = decay[specs[k]]
+  return NOW + lifetime(intensities[k], spec[1], spec[2])
+end
+for _, k in ipairs(alone) do
+  local j = #exp
+  exp[j + 1], exp[j + 2] = expiry(k), sig[2 * k - 1]
+end
+for g, positions in ipairs(batches) do
+  local member, j = 'b' .. first_id .. '.' .. g, #exp
+  exp[j + 1], exp[j + 2] = expiry(tonumber(string.match(positions, '^%d+'))), member
+  j = #index
+  index[j + 1], index[j + 2] = member, first_id .. '|' .. positions
 end
 local fields, amounts, counts = {}, {}, {}
 for _, group in ipairs(types) do
@@ -335,10 +408,11 @@ end
 acc_write(fields, amounts, counts)
 call_chunked('HSET', K_SIG, sig, 2)
 call_chunked('ZADD', K_EXP, exp, 2)
+call_chunked('HSET', K_INDEX, index, 2)
 call_chunked('SADD', K_GEN, gen, 1)
 call_chunked('SADD', K_AGENTS, names, 1)
 touch()
-return {fmt(NOW), string.format('%d', first), n}
+return {fmt(NOW), first_id, n}
 
 --@@ pressure
 -- ARGV[4] agent ('' with ARGV[5] = '0' means nobody: every signal), ARGV[6] region, ARGV[7..] weights
@@ -460,7 +534,7 @@ for k = 1, #pairs_, 2 do
     if new > 1 then new = 1 elseif new < -1 then new = -1 end
     if new ~= r.I then
       if summed(r) then acc_add(r, landmark(r, new) - landmark(r, r.I), 0) end
-      r.I = new
+      r.I, r.own = new, '1'  -- its batch's order no longer holds for it
       r.expiry = r.t0 + lifetime(new, r.kind, r.param)
       local raw = encode(r)
       local j = #sig
@@ -486,14 +560,14 @@ return out
 expire(NOW)
 local agent, region = ARGV[4], ARGV[5]
 local flat = redis.call('HGETALL', K_SIG)
-local ids, raws = {}, {}
+local ids, records = {}, {}
 for k = 1, #flat, 2 do
   local r = decode(flat[k + 1])
   if (agent == '' or r.agent == agent) and (region == '' or r.region == region) then
-    ids[#ids + 1], raws[#raws + 1] = flat[k], flat[k + 1]
+    ids[#ids + 1], records[#records + 1] = flat[k], r
   end
 end
-return forget(ids, raws)
+return forget(ids, records)
 
 --@@ evaporate
 expire(NOW)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import subprocess
 import sys
 import time
@@ -212,9 +213,10 @@ async def test_memory_is_bounded_under_a_constant_deposit_rate(client: Redis) ->
                 await client.hlen(backend._keys[2]),
                 await client.hlen(backend._keys[3]),
                 await client.zcard(backend._keys[1]),
+                await client.hlen(backend._keys[9]),
             )
         )
-    assert sizes[-1] == (0, 0, 0, 0)  # no signals, no sums or counts, no expiry entries left
+    assert sizes[-1] == (0, 0, 0, 0, 0)  # no signals, sums, counts, expiry or batch entries left
     ttl = await client.ttl(backend._keys[5])
     assert 0 < ttl <= 600  # idle keys expire
 
@@ -281,3 +283,67 @@ async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases() ->
         got_all = await redis_field.read_pressures(agents)
         assert all(math.isclose(got_all[a], expected_all[a], rel_tol=1e-9, abs_tol=1e-9) for a in agents)
     assert clock() - 1000.0 > 1100  # e^(rate * elapsed) would overflow a double without rebasing
+
+
+@pytest.mark.parametrize("server", ["fakeredis", "redis-server"])
+async def test_batches_retire_on_time_through_rescales_and_removals(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """A batch's signals of one type are indexed for expiry as one entry, in order of |I|: readings
+    and decay() counts must match the memory backend while they evaporate, are rescaled (leaving
+    their batch) and removed, and no index entry may stay once every signal is gone."""
+    clock = ManualClock(1000.0)
+    if server == "fakeredis":
+        client: Any = fakeredis.FakeAsyncRedis()
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_url"))
+    policy: dict[str, Any] = {
+        "decay_strategy": ExponentialDecay(2.0),
+        "decay_by_type": {"claim": StepDecay(3.0), "slow": LinearDecay(0.05)},
+    }
+    backend = RedisFieldBackend(client, prefix(), clock=clock)
+    redis_field = PheromoneField(backend, **policy)
+    memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), **policy)
+    rng = random.Random(7)
+    agents = [f"a{i}" for i in range(5)]
+    for step in range(60):
+        n = rng.choice([1, 20, 40])
+        deposits = (
+            [rng.choice(agents) for _ in range(n)],
+            rng.choice(["work", "claim", "slow"]),
+            [rng.uniform(-1.0, 1.0) for _ in range(n)],
+            [rng.choice([None, *agents]) for _ in range(n)],
+            [rng.choice([None, "r1"]) for _ in range(n)],
+        )
+        factor, leaving = rng.choice([0.5, 1.5]), rng.choice(agents)
+        for field in (redis_field, memory_field):
+            depositors, signal_type, intensities, targets, regions = deposits
+            await field.deposit_many(
+                depositors, signal_type, intensities, target_agent_ids=targets, regions=regions
+            )
+            if step % 5 == 1:
+                await field.reinforce("r1", factor=factor)
+        if step % 11 == 3:
+            # decay() first: the backends count a removed signal that was already due differently
+            assert await redis_field.decay() == await memory_field.decay(), step
+            assert await redis_field.clear_agent(leaving) == await memory_field.clear_agent(leaving)
+        clock.advance(rng.choice([0.25, 1.0, 2.5]))
+        if step % 3 == 0:
+            assert await redis_field.decay() == await memory_field.decay(), step
+            assert await redis_field.signal_count() == await memory_field.signal_count(), step
+        for agent in [None, *agents]:
+            expected = await memory_field.read_pressure(agent)
+            got = await redis_field.read_pressure(agent)
+            assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9), (step, agent)
+        expected_all = await memory_field.read_pressures()
+        got_all = await redis_field.read_pressures()
+        assert expected_all.keys() == got_all.keys()
+        assert all(math.isclose(got_all[a], expected_all[a], rel_tol=1e-9, abs_tol=1e-9) for a in agents)
+    clock.advance(100.0)
+    assert await redis_field.decay() == await memory_field.decay()
+    assert await redis_field.signal_count() == 0
+    index = [await client.zcard(backend._keys[1]), await client.hlen(backend._keys[9])]
+    sums = [await client.hlen(backend._keys[2]), await client.hlen(backend._keys[3])]
+    assert (index, sums) == ([0, 0], [0, 0])
+    if server != "fakeredis":
+        await client.aclose()
