@@ -49,7 +49,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 _KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index")
 _BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
-_SEP = "\x1f"
+_SEP = "\x1f"  # between the parts of a record or sum field: names are printable, JSON escapes it
+_RS = "\x1e"  # between the records of a deposit
 _LAYOUT = 2  # of records and sums in redis_field.lua: a field written with another is refused
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
@@ -277,10 +278,10 @@ class RedisFieldBackend:
         target_agent_id: str | None,
         region: str | None,
     ) -> Signal:
-        argument = self._deposits(
+        arguments = self._deposits(
             [agent_id], [signal_type], [float(intensity)], [target_agent_id], [region], [metadata]
         )
-        reply = await self._run("deposit", argument)
+        reply = await self._run("deposit", *arguments)
         now = float(_text(reply[0]))
         return Signal(
             id=_text(reply[1]),
@@ -300,7 +301,7 @@ class RedisFieldBackend:
         metadata: Sequence[dict[str, Any] | None] = [None] * len(batch)
         if batch.metadata is not None:
             metadata = batch.metadata
-        argument = self._deposits(
+        arguments = self._deposits(
             batch.agent_ids,
             batch.signal_types,
             batch.intensities.tolist(),
@@ -308,7 +309,7 @@ class RedisFieldBackend:
             batch.regions,
             metadata,
         )
-        reply = await self._run("deposit", argument)
+        reply = await self._run("deposit", *arguments)
         return int(_text(reply[2]))
 
     async def rescale(
@@ -383,8 +384,8 @@ class RedisFieldBackend:
         targets: Sequence[str | None],
         regions: Sequence[str | None],
         metadata: Sequence[dict[str, Any] | None],
-    ) -> str:
-        """The deposit script's argument (described in redis_field.lua). Records and the batch's
+    ) -> tuple[str, str]:
+        """The deposit script's arguments (described in redis_field.lua). Records and the batch's
         sums per field are made here, each intensity formatted once: this process's time is its
         own, while the script's is taken from every client of the field."""
         specs = {name: self._spec_of(name) for name in dict.fromkeys(signal_types)}
@@ -394,34 +395,38 @@ class RedisFieldBackend:
             if kind != "x" and signal_types.count(name) >= _BATCHED  # x: rates differ, so no common order
         }
         decay = [[kind, param] for kind, param in specs.values()]
-        spec_of = {name: (k, kind, repr(param)) for k, (name, (kind, param)) in enumerate(specs.items(), 1)}
-        draws = {
-            name: iter(self._draw(name, signal_types.count(name))) for name in specs if specs[name][0] == "x"
+        heads = {  # per type: its decay's position, and what its records hold after the intensity
+            name: (k, f"{_SEP}{kind}{_SEP}{param!r}{_SEP}{'' if name in batched else '1'}{_SEP}")
+            for k, (name, (kind, param)) in enumerate(specs.items(), 1)
         }
-        texts = list(map(repr, intensities))
-        records: list[str] = []
-        which: list[int] = []
-        alone: list[int] = []
-        sums = _BatchSums()
-        for position, (agent, name, intensity, text, target, region, meta) in enumerate(
-            zip(agents, signal_types, intensities, texts, targets, regions, metadata, strict=True), 1
-        ):
-            spec, kind, param = spec_of[name]
+        which = [heads[name][0] for name in signal_types]
+        middles = [heads[name][1] for name in signal_types]
+        for name, (kind, _) in specs.items():
             if kind == "x":  # stochastic: each signal draws its own rate
-                decay.append([kind, next(draws[name])])
-                spec, param = len(decay), repr(decay[-1][1])
-            which.append(spec)
-            own = "" if name in batched else "1"
-            if own:
-                alone.append(position)
-            records.append(
-                f"{text}{_SEP}{kind}{_SEP}{param}{_SEP}{own}{_SEP}{agent}{_SEP}{name}{_SEP}"
-                f"{target or ''}{_SEP}{region or ''}{_SEP}{json.dumps(meta, allow_nan=False) if meta else ''}"
-            )
-            if kind == "e" or kind == "s":
+                drawn = [k for k, other in enumerate(signal_types) if other == name]
+                for k, rate in zip(drawn, self._draw(name, len(drawn)), strict=True):
+                    decay.append([kind, rate])
+                    which[k], middles[k] = len(decay), f"{_SEP}{kind}{_SEP}{rate!r}{_SEP}1{_SEP}"
+        texts = list(map(repr, intensities))
+        records = _RS.join(
+            [
+                f"{text}{middle}{agent}{_SEP}{name}{_SEP}{target or ''}{_SEP}{region or ''}{_SEP}"
+                f"{json.dumps(meta, allow_nan=False) if meta else ''}"
+                for text, middle, agent, name, target, region, meta in zip(
+                    texts, middles, agents, signal_types, targets, regions, metadata, strict=True
+                )
+            ]
+        )
+        sums = _BatchSums()
+        summed = {name for name, (kind, _) in specs.items() if kind in "es"}
+        for agent, name, intensity, target, region in zip(
+            agents, signal_types, intensities, targets, regions, strict=True
+        ):
+            if name in summed:
                 sums.add(name, agent, target, region, intensity)
         rates = {name: param if kind == "e" else 0.0 for name, (kind, param) in specs.items()}
         names = list({*agents, *(target for target in targets if target is not None)})
+        alone = [k for k, name in enumerate(signal_types, 1) if name not in batched]
         batches = []
         if batched:  # positions in order of expiry: of |I|, within one type
             magnitudes = np.abs(np.asarray(intensities, dtype=np.float64))
@@ -431,7 +436,7 @@ class RedisFieldBackend:
                 batches.append(",".join(map(str, order.tolist())) + ",")
         rest = json.dumps([which, decay, names, sums.groups(rates), alone, batches])[1:-1]
         # The intensities are text already (repr, as json.dumps writes floats): joined, not re-formatted.
-        return f"[{json.dumps(records)},[{','.join(texts)}],{rest}]"
+        return f"[[{','.join(texts)}],{rest}]", records
 
     def _draw(self, signal_type: str, count: int) -> list[float]:
         """Decay rates for ``count`` new stochastic signals: each draws its own half-life once."""

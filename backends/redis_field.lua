@@ -353,10 +353,10 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4]: JSON [records, intensities, specs, decay, names, types, alone, batches] from
+-- ARGV[4]: JSON [intensities, specs, decay, names, types, alone, batches], ARGV[5]: each signal's
+-- record up to its deposit time (appended here), separated by \30; both from
 -- RedisFieldBackend._deposits, so that this script, which every client of the field waits on, parses
 -- and formats nothing per signal:
---   records      each signal's record up to its deposit time (appended here)
 --   intensities  each signal's intensity
 --   specs        each signal's decay, a position in decay
 --   decay        [kind, param] pairs
@@ -367,16 +367,18 @@ end
 --   batches      positions of the others, per type, as index stores them
 expire(NOW)
 local batch = cjson.decode(ARGV[4])
-local records, intensities, specs, decay, names, types, alone, batches =
-  batch[1], batch[2], batch[3], batch[4], batch[5], batch[6], batch[7], batch[8]
-local n = #records
+local intensities, specs, decay, names, types, alone, batches =
+  batch[1], batch[2], batch[3], batch[4], batch[5], batch[6], batch[7]
+local n = #intensities
 local first = redis.call('INCRBY', K_SEQ, n) - n + 1
 local first_id = string.format('%d', first)
 local stamp = '\31' .. fmt(NOW)
 local sig, exp, gen, index = {}, {}, {}, {}
-for k = 1, n do
+local k = 0
+for record in string.gmatch(ARGV[5], '[^\30]+') do
+  k = k + 1
   local id = string.format('%d', first + k - 1)
-  sig[2 * k - 1], sig[2 * k] = id, records[k] .. stamp
+  sig[2 * k - 1], sig[2 * k] = id, record .. stamp
   local kind = decay[specs[k]][1]
   if kind == 'l' or kind == 'x' then gen[#gen + 1] = id end
 end
