@@ -87,7 +87,6 @@ async def test_two_workers_share_one_task_set_and_run_each_task_once(
             tg.start_soon(run, k)
     counts = Counter(task_id for task_id, _ in runs)
     assert set(counts) == {f"t{i}" for i in range(60)} and set(counts.values()) == {1}
-    assert {who for _, who in runs} == {"w0", "w1"}
     for summary in summaries.values():
         assert summary.ok
         assert {o.output for o in summary.outcomes.values()} == {f"{t}@{w}" for t, w in runs}
