@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -256,7 +255,8 @@ class ProxyApp:
 
     async def _admit(self, call: Call) -> Ticket:
         """Wait for the gate, at most :data:`WAIT_SHARE` of the client's timeout."""
-        limit = WAIT_SHARE * call.incoming.client_timeout if call.incoming.client_timeout else math.inf
+        timeout = call.incoming.client_timeout
+        limit = WAIT_SHARE * timeout if timeout else None
         started = time.perf_counter()
         try:
             with anyio.fail_after(limit):

@@ -35,7 +35,7 @@ def _server(app: ASGIApp, host: str, port: int, *, embedded: bool) -> uvicorn.Se
         host=host,
         port=port,
         lifespan="auto",
-        http="h11",
+        http="h11",  # keeps an absolute-form target in scope["path"] (httptools drops its host): refused
         proxy_headers=False,
         ws="none",
         access_log=False,
