@@ -17,7 +17,6 @@ from stigmergy.mock_api import MockConfig, MockLLMAPI, serve_mock
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 RPM = 60
-SECONDS = 4.0
 
 
 @pytest.fixture
@@ -61,13 +60,18 @@ async def test_two_proxy_processes_on_one_redis_field_keep_the_upstream_under_it
                     response = await client.post(f"{url}/v1/chat/completions", json=body)
                     assert response.status_code == 200, response.text
                     served[url] += 1
+                    if sum(served.values()) >= RPM + 3:  # the window's burst, then some paced
+                        enough.set()
 
+            enough = anyio.Event()
             started = time.monotonic()
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as client:
-                with anyio.move_on_after(SECONDS):
+                with anyio.fail_after(30):
                     async with anyio.create_task_group() as tg:
                         for n in range(30):
                             tg.start_soon(agent, urls[n % 2], client)
+                        await enough.wait()
+                        tg.cancel_scope.cancel()
             elapsed = time.monotonic() - started
         finally:
             for process in processes:
@@ -75,5 +79,5 @@ async def test_two_proxy_processes_on_one_redis_field_keep_the_upstream_under_it
             for process in processes:
                 process.wait(10)
     assert mock.stats.rate_limited <= 2
-    assert RPM <= mock.stats.attempts <= RPM + elapsed * RPM / 60 + 2  # one bucket's worth, not two
-    assert min(served.values()) > 0 and sum(served.values()) == mock.stats.completed
+    assert mock.stats.attempts <= RPM + elapsed * RPM / 60 + 2  # one bucket's worth, not two
+    assert min(served.values()) > 0 and sum(served.values()) <= mock.stats.completed  # some cut short
