@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, FakeListChatModel
+from langchain_core.language_models import BaseChatModel, FakeListChatModel, GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
@@ -21,6 +21,7 @@ from stigmergy.integrations.langgraph import (
     StigmergyRateLimiter,
     StigmergyRouter,
 )
+from stigmergy.integrations.langgraph_pacing import ModelCall
 from stigmergy.mock_api import MockConfig, MockLLMAPI
 
 pytestmark = pytest.mark.anyio
@@ -208,3 +209,22 @@ async def test_sync_acquire_refuses_to_block_an_event_loop(runtime: FieldRuntime
     with pytest.raises(RuntimeError, match="freeze that loop"):
         limiter.acquire()
     assert await limiter.aacquire()  # the async path is fine
+
+
+async def test_a_streamed_call_reports_its_first_token(runtime: FieldRuntime) -> None:
+    limiter = StigmergyRateLimiter("writer", ROUTE, runtime=runtime)
+    settled: list[ModelCall] = []
+    succeeded = limiter.pacer.succeeded
+
+    def capture(call: ModelCall, **kwargs: Any) -> Any:
+        settled.append(call)
+        return succeeded(call, **kwargs)
+
+    limiter.pacer.succeeded = capture  # type: ignore[method-assign]
+    model = GenericFakeChatModel(
+        messages=iter([AIMessage("one two three")]), rate_limiter=limiter, callbacks=[limiter.callback]
+    )
+    chunks = [chunk.content async for chunk in model.astream("count")]
+    assert len(chunks) > 1 and len(settled) == 1
+    call = settled[0]
+    assert call.first_token is not None and call.first_token >= call.admitted  # time to first token
