@@ -3,9 +3,11 @@
 Every mutation and every pressure read is one Lua script (``redis_field.lua``), so
 it is atomic without locks and costs one round trip. Time is the Redis server's
 ``TIME`` inside the script: processes with skewed clocks agree. Sums of exponential
-and step signals are decayed accumulators in one hash, so one agent's reading is a
-few ``HGET``s whatever the field's size; every signal sits in an expiry-sorted set
-and is retired (from storage and from the sums) when it evaporates. All keys of a
+and step signals are decayed accumulators in one hash, with a net sum per agent, so
+one agent's reading is two fields and every agent's one field each, whatever the
+field's size; every signal is indexed by expiry (a deposit's signals of one type as
+one entry) and retired, from storage and from the sums, when it evaporates. A batch
+is prepared here (records, sums per field) so that the script does little per signal. All keys of a
 field share one hash tag, ``stigmergy:{<key_prefix>}:...``, and every script declares
 them, so a field works on Redis Cluster. Keys expire after ``idle_ttl`` seconds
 without writes, so an abandoned field frees itself.
@@ -125,10 +127,9 @@ class _BatchSums:
     n: an agent's net), gathered per field so that the script reads and writes each field once."""
 
     def __init__(self) -> None:
-        self._public: dict[tuple[str, str | None], list[float]] = {}  # -> [sum 0, count, sum 1, count]
-        self._nets: dict[
-            tuple[str, str | None, str], list[float]
-        ] = {}  # (type, region, agent) -> [sum, count]
+        # (type, region) -> [sum 0, its count, sum 1, its count]; (type, region, agent) -> [net, count]
+        self._public: dict[tuple[str, str | None], list[float]] = {}
+        self._nets: dict[tuple[str, str | None, str], list[float]] = {}
 
     def add(
         self, signal_type: str, agent: str, target: str | None, region: str | None, intensity: float
@@ -385,9 +386,9 @@ class RedisFieldBackend:
         regions: Sequence[str | None],
         metadata: Sequence[dict[str, Any] | None],
     ) -> tuple[str, str]:
-        """The deposit script's arguments (described in redis_field.lua). Records and the batch's
-        sums per field are made here, each intensity formatted once: this process's time is its
-        own, while the script's is taken from every client of the field."""
+        """The deposit script's arguments (described in redis_field.lua). Records, sums per field
+        and the expiry index are prepared here, so that the script does little per signal: this
+        process's time is its own, while the script's is taken from every client of the field."""
         specs = {name: self._spec_of(name) for name in dict.fromkeys(signal_types)}
         batched = {
             name
@@ -399,21 +400,25 @@ class RedisFieldBackend:
             name: (k, f"{_SEP}{kind}{_SEP}{param!r}{_SEP}{'' if name in batched else '1'}{_SEP}")
             for k, (name, (kind, param)) in enumerate(specs.items(), 1)
         }
-        which = [heads[name][0] for name in signal_types]
         middles = [heads[name][1] for name in signal_types]
+        alone: list[list[Any]] = [  # [position, decay, intensity]
+            [k, heads[name][0], intensity]
+            for k, (name, intensity) in enumerate(zip(signal_types, intensities, strict=True), 1)
+            if name not in batched
+        ]
         for name, (kind, _) in specs.items():
-            if kind == "x":  # stochastic: each signal draws its own rate
-                drawn = [k for k, other in enumerate(signal_types) if other == name]
-                for k, rate in zip(drawn, self._draw(name, len(drawn)), strict=True):
+            if kind == "x":  # stochastic: each signal draws its own rate (and is indexed alone)
+                drawn = [signal for signal in alone if signal_types[signal[0] - 1] == name]
+                for signal, rate in zip(drawn, self._draw(name, len(drawn)), strict=True):
                     decay.append([kind, rate])
-                    which[k], middles[k] = len(decay), f"{_SEP}{kind}{_SEP}{rate!r}{_SEP}1{_SEP}"
-        texts = list(map(repr, intensities))
+                    signal[1] = len(decay)
+                    middles[signal[0] - 1] = f"{_SEP}{kind}{_SEP}{rate!r}{_SEP}1{_SEP}"
         records = _RS.join(
             [
-                f"{text}{middle}{agent}{_SEP}{name}{_SEP}{target or ''}{_SEP}{region or ''}{_SEP}"
+                f"{intensity!r}{middle}{agent}{_SEP}{name}{_SEP}{target or ''}{_SEP}{region or ''}{_SEP}"
                 f"{json.dumps(meta, allow_nan=False) if meta else ''}"
-                for text, middle, agent, name, target, region, meta in zip(
-                    texts, middles, agents, signal_types, targets, regions, metadata, strict=True
+                for intensity, middle, agent, name, target, region, meta in zip(
+                    intensities, middles, agents, signal_types, targets, regions, metadata, strict=True
                 )
             ]
         )
@@ -426,17 +431,16 @@ class RedisFieldBackend:
                 sums.add(name, agent, target, region, intensity)
         rates = {name: param if kind == "e" else 0.0 for name, (kind, param) in specs.items()}
         names = list({*agents, *(target for target in targets if target is not None)})
-        alone = [k for k, name in enumerate(signal_types, 1) if name not in batched]
         batches = []
         if batched:  # positions in order of expiry: of |I|, within one type
             magnitudes = np.abs(np.asarray(intensities, dtype=np.float64))
             for name in batched:
                 members = np.array([k for k, other in enumerate(signal_types) if other == name])
-                order = members[np.argsort(magnitudes[members], kind="stable")] + 1
-                batches.append(",".join(map(str, order.tolist())) + ",")
-        rest = json.dumps([which, decay, names, sums.groups(rates), alone, batches])[1:-1]
-        # The intensities are text already (repr, as json.dumps writes floats): joined, not re-formatted.
-        return f"[[{','.join(texts)}],{rest}]", records
+                order = (members[np.argsort(magnitudes[members], kind="stable")] + 1).tolist()
+                batches.append([heads[name][0], intensities[order[0] - 1], ",".join(map(str, order)) + ","])
+        generic = [k for k, name in enumerate(signal_types, 1) if specs[name][0] in "lx"]
+        argument = [len(intensities), decay, names, sums.groups(rates), alone, batches, generic]
+        return json.dumps(argument), records
 
     def _draw(self, signal_type: str, count: int) -> list[float]:
         """Decay rates for ``count`` new stochastic signals: each draws its own half-life once."""
@@ -446,6 +450,7 @@ class RedisFieldBackend:
         return [math.log(2.0) / half_life for half_life in strategy.half_lives(salts).tolist()]
 
     def _bound(self) -> DecayPolicy:
+        """The field's policy: scripts and records need it, so nothing runs before ``bind``."""
         if self._policy is None:
             raise BackendError("the backend is not bound to a field; use it through PheromoneField")
         return self._policy

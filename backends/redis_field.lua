@@ -35,9 +35,10 @@
 -- Kinds: e = exponential (param: rate), s = step (param: ttl), l = linear (param: rate per s),
 --        x = exponential with its own rate, not summed (stochastic decay draws one per signal).
 --
--- Cost: on a slow core a redis.call costs ~3 us and a number formatted in Lua ~1 us, so scripts work
--- per batch, not per signal, and hand numbers to redis.call as numbers: Redis writes them with 17
--- significant digits (exact) in C.
+-- Cost: on a slow core a redis.call costs ~3 us, a number formatted in Lua ~1 us and a ZADD ~2 us a
+-- member, so scripts work per batch, not per signal: the client prepares records and sums, expiry
+-- is indexed per batch, and numbers go to redis.call as numbers (Redis writes them exactly, with 17
+-- significant digits, in C).
 
 local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
@@ -55,9 +56,9 @@ local REBASE = 100
 
 local function fmt(x) return string.format('%.17g', x) end
 
--- Age at which |value| falls under the threshold.
 local abs, log = math.abs, math.log
 
+-- Age at which |value| falls under the threshold.
 local function lifetime(I, kind, param)
   local m = abs(I)
   if m < THRESHOLD then return 0 end
@@ -353,23 +354,20 @@ local function generic_records()
 end
 
 --@@ deposit
--- ARGV[4]: JSON [intensities, specs, decay, names, types, alone, batches], ARGV[5]: each signal's
--- record up to its deposit time (appended here), separated by \30; both from
--- RedisFieldBackend._deposits, so that this script, which every client of the field waits on, parses
--- and formats nothing per signal:
---   intensities  each signal's intensity
---   specs        each signal's decay, a position in decay
---   decay        [kind, param] pairs
---   names        the agents the batch names, depositors and targets, each once
---   types        per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
---                changes to each sum field, amounts being sums of intensities (landmark form is made here)
---   alone        positions of the signals indexed on their own (record's own = '1')
---   batches      positions of the others, per type, as index stores them
+-- ARGV[4]: JSON [n, decay, names, types, alone, batches, generic], ARGV[5]: the n records up to their
+-- deposit time (appended here), separated by \30; both from RedisFieldBackend._deposits, so that this
+-- script, which every client of the field waits on, parses and formats nothing per signal:
+--   decay    [kind, param] pairs
+--   names    the agents the batch names, depositors and targets, each once
+--   types    per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
+--            changes to each sum field, amounts being sums of intensities (landmark form is made here)
+--   alone    [position, decay, intensity] of each signal indexed on its own (record's own = '1')
+--   batches  [decay, intensity of the first, positions as index stores them] per type of the others
+--   generic  positions of the signals evaluated one by one ('l', 'x')
 expire(NOW)
 local batch = cjson.decode(ARGV[4])
-local intensities, specs, decay, names, types, alone, batches =
+local n, decay, names, types, alone, batches, generic =
   batch[1], batch[2], batch[3], batch[4], batch[5], batch[6], batch[7]
-local n = #intensities
 local first = redis.call('INCRBY', K_SEQ, n) - n + 1
 local first_id = string.format('%d', first)
 local stamp = '\31' .. fmt(NOW)
@@ -377,25 +375,22 @@ local sig, exp, gen, index = {}, {}, {}, {}
 local k = 0
 for record in string.gmatch(ARGV[5], '[^\30]+') do
   k = k + 1
-  local id = string.format('%d', first + k - 1)
-  sig[2 * k - 1], sig[2 * k] = id, record .. stamp
-  local kind = decay[specs[k]][1]
-  if kind == 'l' or kind == 'x' then gen[#gen + 1] = id end
+  sig[2 * k - 1], sig[2 * k] = string.format('%d', first + k - 1), record .. stamp
 end
-local function expiry(k)
-  local spec = decay[specs[k]]
-  return NOW + lifetime(intensities[k], spec[1], spec[2])
+local function expiry(spec, intensity)
+  return NOW + lifetime(intensity, decay[spec][1], decay[spec][2])
 end
-for _, k in ipairs(alone) do
+for _, signal in ipairs(alone) do
   local j = #exp
-  exp[j + 1], exp[j + 2] = expiry(k), sig[2 * k - 1]
+  exp[j + 1], exp[j + 2] = expiry(signal[2], signal[3]), sig[2 * signal[1] - 1]
 end
-for g, positions in ipairs(batches) do
+for g, entry in ipairs(batches) do
   local member, j = 'b' .. first_id .. '.' .. g, #exp
-  exp[j + 1], exp[j + 2] = expiry(tonumber(string.match(positions, '^%d+'))), member
+  exp[j + 1], exp[j + 2] = expiry(entry[1], entry[2]), member
   j = #index
-  index[j + 1], index[j + 2] = member, first_id .. '|' .. positions
+  index[j + 1], index[j + 2] = member, first_id .. '|' .. entry[3]
 end
+for j, position in ipairs(generic) do gen[j] = sig[2 * position - 1] end
 local fields, amounts, counts = {}, {}, {}
 for _, group in ipairs(types) do
   local t, rate = group[1], group[2]
