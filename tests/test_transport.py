@@ -100,5 +100,6 @@ async def test_twenty_agents_share_a_60_rpm_key_with_faults_and_none_of_them_fai
     assert len(reported) == 200 and stats.completed == 200  # not one call failed
     assert stats.bad_gateway + stats.overloaded + stats.resets > 0  # faults did happen, and were retried
     assert stats.rate_limited <= 0.02 * stats.attempts
-    assert sum(t.attempts for t in transports) == stats.attempts
+    # every attempt the mock saw was sent by a transport (one may die before the mock counts it)
+    assert sum(t.attempts for t in transports) >= stats.attempts
     assert sum(reported) == stats.input_tokens + stats.output_tokens == budgets.snapshot()[GLOBAL]["spent"]
