@@ -31,7 +31,7 @@ import httpx
 
 from stigmergy.gate import Cost, Gate, Route, Ticket
 from stigmergy.ratelimits import detect_provider, parse_response
-from stigmergy.usage import UsageMeter
+from stigmergy.usage import Usage, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _library(request: Any) -> ModuleType:
     return sys.modules[type(request).__module__.partition(".")[0]]
 
 
-class _Metered:
+class MeteredBody:
     """Passes the body through untouched, timing the first byte and reading usage on the way."""
 
     def __init__(self, inner: Any, gate: Gate, ticket: Ticket, started: float) -> None:
@@ -89,6 +89,11 @@ class _Metered:
         self._meter = UsageMeter()
         self._ttft: float | None = None
         self._finished = False
+
+    @property
+    def usage(self) -> Usage:
+        """The usage read so far (complete once the body ended)."""
+        return self._meter.usage
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
@@ -124,9 +129,9 @@ class _Metered:
 
 
 @functools.cache
-def _metered_stream(lib: ModuleType) -> type[_Metered]:
+def _metered_stream(lib: ModuleType) -> type[MeteredBody]:
     """A metering stream that is the library's own AsyncByteStream (its client checks)."""
-    return type("MeteredStream", (_Metered, lib.AsyncByteStream), {})
+    return type("MeteredStream", (MeteredBody, lib.AsyncByteStream), {})
 
 
 class StigmergyTransport(httpx.AsyncBaseTransport):
@@ -165,7 +170,7 @@ class StigmergyTransport(httpx.AsyncBaseTransport):
             )
         transport_errors = (httpx.TransportError, lib.TransportError)
         agent_id = request.headers.pop(AGENT_HEADER, None) or self.agent_id
-        priority = _priority(request.headers.pop(PRIORITY_HEADER, None), self.priority)
+        priority = parse_priority(request.headers.pop(PRIORITY_HEADER, None), self.priority)
         request.headers["accept-encoding"] = "identity"  # usage is read from the bytes as they pass
         body = await request.aread()
         model, cost = describe(body, self.default_max_tokens)
@@ -235,7 +240,8 @@ class StigmergyTransport(httpx.AsyncBaseTransport):
                 await transport.aclose()
 
 
-def _priority(value: Any, default: float) -> float:
+def parse_priority(value: Any, default: float) -> float:
+    """A priority header's value in [0, 1]; the default for anything unreadable."""
     try:
         priority = float(value) if value is not None else default
     except ValueError:

@@ -38,7 +38,7 @@ from stigmergy.budgets import TokenBudgets
 from stigmergy.clock import AcceleratedClock, Clock
 from stigmergy.errors import AdmissionError, AdmissionTimeoutError, BudgetExceededError, QuotaExhaustedError
 from stigmergy.gate import Cost, Gate, Route, Ticket, gate_field
-from stigmergy.integrations.httpx_transport import RETRIED, _Metered, _priority, describe, provider_of
+from stigmergy.integrations.httpx_transport import RETRIED, MeteredBody, describe, parse_priority, provider_of
 from stigmergy.integrations.proxy_config import ProxyConfig
 from stigmergy.integrations.proxy_metrics import ProxyMetrics, RequestRecord, prometheus, redact_query
 from stigmergy.integrations.proxy_request import BodyTooLarge, ClientGone, Incoming, read_body, sort_headers
@@ -214,7 +214,7 @@ class ProxyApp:
             body,
             provider,
             incoming.agent_id(),
-            _priority(incoming.priority, 0.5),
+            parse_priority(incoming.priority, 0.5),
             Route(self.upstream.base, incoming.key(), model),
             cost,
             arrived,
@@ -301,9 +301,9 @@ class ProxyApp:
                 await self._relay(call, send, response, body)
                 return True
             await self.gate.observe(call.route, info)
-            metered = _Metered(body, self.gate, ticket, started)
+            metered = MeteredBody(body, self.gate, ticket, started)
             await self._relay(call, send, response, metered)
-            call.usage = metered._meter.usage
+            call.usage = metered.usage
             return True
         finally:
             finish(response)
@@ -330,7 +330,7 @@ class ProxyApp:
         )
 
     async def _relay(
-        self, call: Call, send: Send, response: aiohttp.ClientResponse, body: UpstreamBody | _Metered
+        self, call: Call, send: Send, response: aiohttp.ClientResponse, body: UpstreamBody | MeteredBody
     ) -> None:
         """Status, headers, then the body chunk by chunk; the upstream response is closed in any case."""
         try:
