@@ -223,6 +223,7 @@ class FieldRuntime:
         self._batches.pop(batch.id, None)
         for task_id in batch.scheduler_ids:
             self._owners.pop(task_id, None)
+        self.scheduler.forget(batch.scheduler_ids)  # one scheduler serves every run: keep only live ones
         batch.finish(error)
 
     async def add_batch(self, batch: TaskBatch, agents: Mapping[str, int | None]) -> None:

@@ -195,6 +195,12 @@ class TaskGraph:
         record.version += 1
         self.final_count += 1
 
+    def forget(self, task_id: str) -> None:
+        """Drop a final task's record (its id is unknown from then on)."""
+        record = self.tasks.pop(task_id)
+        assert record.status.final
+        self.final_count -= 1
+
     # -- questions --------------------------------------------------------------------
 
     @property

@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,18 @@ class StigmergyScheduler:
     def events(self) -> AsyncIterator[TaskEvent]:
         """Every lifecycle event from now until the run ends: ``async for event in scheduler.events()``."""
         return self._events.subscribe()
+
+    def forget(self, task_ids: Iterable[str]) -> int:
+        """Drop those of ``task_ids`` that finished (completed, failed or cancelled); returns how many.
+
+        A long-lived scheduler (one per process, serving run after run) stays small.
+        Forgotten ids are unknown again: a task added later cannot depend on them.
+        Unknown and unfinished ids are left as they are.
+        """
+        finished = [t for t in task_ids if t in self._graph.tasks and self._graph.tasks[t].status.final]
+        for task_id in finished:
+            self._graph.forget(task_id)
+        return len(finished)
 
     def status(self, task_id: str) -> TaskStatus:
         """Where a task is now; raises KeyError for an unknown id."""

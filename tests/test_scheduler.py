@@ -649,3 +649,20 @@ async def test_code_written_for_stigmergy_scheduler_passes_its_own_field() -> No
         clock.advance(backoff_end(0.5, 0.4, 0.02, 0.5, 1.0) + 0.01)  # the back-off keeps its own half-life
         await settle()
         assert result and result[0].ok
+
+
+async def test_forget_drops_finished_tasks_and_leaves_the_rest() -> None:
+    recorder = Recorder()
+    recorder.failures["bad"] = 9
+    scheduler = make(max_attempts=1)
+    scheduler.set_dispatcher(recorder)
+    await scheduler.add_task(TaskSpec("good", "", "a"))
+    await scheduler.add_task(TaskSpec("bad", "", "b"))
+    await scheduler.add_task(TaskSpec("after-bad", "", "c", dependencies=["bad"]))
+    await scheduler.run()
+    await scheduler.add_task(TaskSpec("later", "", "a", dependencies=["good"]))  # ready, not run yet
+    assert scheduler.forget(["good", "bad", "after-bad", "later", "unknown"]) == 3
+    assert scheduler.get_metrics().pending_tasks == 1 and scheduler.status("later") is TaskStatus.READY
+    with pytest.raises(KeyError):
+        scheduler.status("good")
+    assert (await scheduler.run()).outcomes.keys() == {"later"}
