@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 _KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index")
 _BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
+_BATCH_MAX = 1024  # and at most this many per batch: retiring some rewrites the rest of its entry
 _SEP = "\x1f"  # between the parts of a record or sum field: names are printable, JSON escapes it
 _RS = "\x1e"  # between the records of a deposit
 _LAYOUT = 2  # of records and sums in redis_field.lua: a field written with another is refused
@@ -437,7 +438,9 @@ class RedisFieldBackend:
             for name in batched:
                 members = np.array([k for k, other in enumerate(signal_types) if other == name])
                 order = (members[np.argsort(magnitudes[members], kind="stable")] + 1).tolist()
-                batches.append([heads[name][0], intensities[order[0] - 1], ",".join(map(str, order)) + ","])
+                for start in range(0, len(order), _BATCH_MAX):
+                    part = order[start : start + _BATCH_MAX]
+                    batches.append([heads[name][0], intensities[part[0] - 1], ",".join(map(str, part)) + ","])
         generic = [k for k, name in enumerate(signal_types, 1) if specs[name][0] in "lx"]
         argument = [len(intensities), decay, names, sums.groups(rates), alone, batches, generic]
         return json.dumps(argument), records

@@ -31,6 +31,7 @@ from stigmergy import (
     StochasticDecay,
     backend_from_url,
 )
+from stigmergy.backends import redis_backend
 from stigmergy.backends.redis_backend import RedisFieldBackend, redact
 from stigmergy.redis_servers import RedisServer, free_port, redis_server
 
@@ -287,11 +288,12 @@ async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases() ->
 
 @pytest.mark.parametrize("server", ["fakeredis", "redis-server"])
 async def test_batches_retire_on_time_through_rescales_and_removals(
-    server: str, request: pytest.FixtureRequest
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch's signals of one type are indexed for expiry as one entry, in order of |I|: readings
     and decay() counts must match the memory backend while they evaporate, are rescaled (leaving
     their batch) and removed, and no index entry may stay once every signal is gone."""
+    monkeypatch.setattr(redis_backend, "_BATCH_MAX", 7)  # deposits of 20 and 40 span several entries
     clock = ManualClock(1000.0)
     if server == "fakeredis":
         client: Any = fakeredis.FakeAsyncRedis()
