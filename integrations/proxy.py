@@ -33,6 +33,7 @@ import aiohttp
 import anyio
 import httpx
 
+from stigmergy.asgi import BodyTooLarge, ClientGone, read_body
 from stigmergy.backends.urls import backend_from_url
 from stigmergy.budgets import TokenBudgets
 from stigmergy.clock import AcceleratedClock, Clock
@@ -41,7 +42,7 @@ from stigmergy.gate import Cost, Gate, Route, Ticket, gate_field
 from stigmergy.integrations.httpx_transport import RETRIED, MeteredBody, describe, parse_priority, provider_of
 from stigmergy.integrations.proxy_config import ProxyConfig
 from stigmergy.integrations.proxy_metrics import ProxyMetrics, RequestRecord, prometheus, redact_query
-from stigmergy.integrations.proxy_request import BodyTooLarge, ClientGone, Incoming, read_body, sort_headers
+from stigmergy.integrations.proxy_request import Incoming, sort_headers
 from stigmergy.integrations.proxy_responses import Kind, Send, send_bytes, send_error, send_json, send_refusal
 from stigmergy.integrations.proxy_upstream import (
     UPSTREAM_ERRORS,
@@ -203,7 +204,8 @@ class ProxyApp:
         except ClientGone:
             return
         except BodyTooLarge as exc:
-            await send_error(send, provider, 413, "too_large", str(exc), reason="body-too-large")
+            message = f"the request body exceeds the proxy's limit of {exc.limit} bytes"
+            await send_error(send, provider, 413, "too_large", message, reason="body-too-large")
             return
         model, cost = describe(body, self.config.default_max_tokens)
         target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")

@@ -103,25 +103,3 @@ def _seconds(value: str) -> float | None:
     except ValueError:
         return None
     return seconds if 0 < seconds < math.inf else None
-
-
-class BodyTooLarge(Exception):
-    """The request body is over the limit: answered 413."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its body arrived."""
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing more than ``limit`` bytes."""
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise BodyTooLarge(f"the request body exceeds the proxy's limit of {limit} bytes")
-        if not message.get("more_body", False):
-            return bytes(body)

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import httpx
 
+from stigmergy.asgi import BodyTooLarge, ClientGone, read_body
 from stigmergy.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -688,10 +689,6 @@ class Progress:
     cancelled: bool = False
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
 class Exchange:
     """One HTTP response: sends ASGI messages and remembers how far it got."""
 
@@ -715,16 +712,10 @@ class Exchange:
 
 
 async def _read_json(receive: Receive, limit: int) -> Any:
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise BadRequest(f"the request body exceeds {limit} bytes", status=413)
-        if not message.get("more_body", False):
-            break
+    try:
+        body = await read_body(receive, limit)
+    except BodyTooLarge as exc:
+        raise BadRequest(str(exc), status=413) from None
     try:
         return json.loads(body)
     except ValueError as exc:
