@@ -49,12 +49,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Redis backend needs the redis package: pip install 'stigmergy-field[redis]'"
     ) from exc
 
-_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index")
+_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index", "order")
 _BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
 _BATCH_MAX = 1024  # and at most this many per batch: retiring some rewrites the rest of its entry
 _SEP = "\x1f"  # between the parts of a record or sum field: names are printable, JSON escapes it
 _RS = "\x1e"  # between the records of a deposit
-_LAYOUT = 2  # of records and sums in redis_field.lua: a field written with another is refused
+_LAYOUT = 3  # of records and sums in redis_field.lua: a field written with another is refused
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
@@ -220,6 +220,8 @@ class RedisFieldBackend:
         self._specs: dict[str, tuple[str, float]] = {}
         self._threshold = ""
         self._salt = os.urandom  # per-signal randomness for stochastic decay
+        encoder = getattr(client, "get_encoder", None)  # a decoding client can't take binary replies
+        self._binary = encoder is None or not encoder().decode_responses
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisFieldBackend:
@@ -338,14 +340,23 @@ class RedisFieldBackend:
         return float(_text(await self._run("pressure", *args)))
 
     async def pressures(self, agent_ids: Sequence[str] | None, query: PressureQuery) -> dict[str, float]:
-        reply = await self._run("pressures", query.region or "", *self._weights(query), *(agent_ids or ()))
+        binary = "1" if self._binary else "0"
+        reply = await self._run(
+            "pressures", query.region or "", binary, *self._weights(query), *(agent_ids or ())
+        )
         listed = _text(reply[0])
-        names = list(agent_ids) if agent_ids else listed.split(_SEP) if listed else []
+        names = list(agent_ids) if agent_ids else listed.split(_SEP)[:-1]  # each name ends with _SEP
         if not names:
             return {}
         totals = np.zeros(len(names))
-        for i in range(2, len(reply), 3):  # per type: factor, sum 1, every agent's net sum
-            nets = np.array(_text(reply[i + 2]).split(_SEP), dtype=np.float64)
+        vectors = _text(reply[2]) == "b"
+        for i in range(3, len(reply), 3):  # per type: factor, sum 1, every agent's net sum
+            if vectors:  # doubles in slot order; agents past its end have no net sum yet
+                nets = np.zeros(len(names))
+                stored = np.frombuffer(reply[i + 2], dtype="<f8")
+                nets[: len(stored)] = stored
+            else:
+                nets = np.array(_text(reply[i + 2]).split(_SEP), dtype=np.float64)
             totals += float(reply[i]) * (float(reply[i + 1]) + nets)
         generic = reply[1]  # signals evaluated one by one: for all, then per position
         if generic:
@@ -365,14 +376,15 @@ class RedisFieldBackend:
         return int(await self._command("hlen", self._keys[0]))
 
     async def agents(self) -> list[str]:
-        return sorted(_text(a) for a in await self._command("smembers", self._keys[8]))
+        return sorted(_text(a) for a in await self._command("hkeys", self._keys[8]))
 
     # -- introspection ----------------------------------------------------------------
 
     async def memory_bytes(self) -> int:
         """Bytes Redis reports for this field's keys (``MEMORY USAGE``)."""
+        types = [_text(t) for t in await self._command("hkeys", self._keys[7])]
         total = 0
-        for key in self._keys:
+        for key in [*self._keys, *(f"{self._keys[0][:-3]}vec:{t}" for t in types)]:
             total += int(await self._command("memory_usage", key, samples=0) or 0)
         return total
 

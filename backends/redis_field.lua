@@ -10,12 +10,17 @@
 --   6 seq     string  id counter
 --   7 evap    string  signals retired since the last evaporate()
 --   8 types   hash  type -> "rate|epoch": the decay rate of its sums and their landmark time
---   9 agents  set   agents seen (depositors and targets)
+--   9 agents  hash  agent seen (depositor or target) -> its slot: 0, 1, ... in order of first sight
 --  10 index   hash  batch -> "first id|positions": a deposit's signals of one type, as positions
 --                   (from 1, each followed by ',') in order of expiry; in exp as 'b' .. first id .. '.' .. n
 --                   under the expiry of its next signal. One zset entry per batch instead of per signal:
 --                   ZADD is the dearest part of a deposit. Decay is monotonic in |I| for one type, so the
 --                   client orders them; a rescaled signal leaves its batch for an entry of its own.
+--  11 order   string  the agents in slot order, each followed by \31
+-- vec:<type> string  (real Redis only) every agent's net sum of the type for region '', as the little-endian
+--                   double at 8 * slot: the all-agent read is one GET per type, not an HMGET of a field per
+--                   agent, and the client parses no number. Open-ended, so not in KEYS, but under the same
+--                   hash tag (one slot). A copy of the n fields, written wherever they are.
 -- ARGV[1] = now ('' = the server's TIME), ARGV[2] = evaporation threshold, ARGV[3] = idle TTL (s).
 --
 -- Records and sum fields join their parts with \31, which no part contains (names are printable,
@@ -40,8 +45,11 @@
 -- is indexed per batch, and numbers go to redis.call as numbers (Redis writes them exactly, with 17
 -- significant digits, in C).
 
-local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX, K_ORDER =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+-- Vectors need Redis's struct library (every Redis since 2.6); without it (fakeredis) reads use the n fields.
+local VECTORS = struct ~= nil
+local K_VEC = string.sub(K_SIG, 1, -4) .. 'vec:'
 
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
@@ -124,6 +132,85 @@ local function hmget(key, fields)
   return out
 end
 
+local SLOTS = {}  -- agent -> slot, as read or given out in this script
+
+-- Give each agent never seen before the next slot (deposits name every agent they touch).
+local function register_agents(names)
+  if #names == 0 then return end
+  local slots, new, order = hmget(K_AGENTS, names), {}, {}
+  local next_slot = redis.call('HLEN', K_AGENTS)
+  for k, name in ipairs(names) do
+    if slots[k] then
+      SLOTS[name] = tonumber(slots[k])
+    else
+      SLOTS[name] = next_slot
+      new[#new + 1] = name
+      new[#new + 1] = string.format('%d', next_slot)
+      order[#order + 1] = name
+      next_slot = next_slot + 1
+    end
+  end
+  if #order > 0 then
+    call_chunked('HSET', K_AGENTS, new, 2)
+    redis.call('APPEND', K_ORDER, table.concat(order, '\31') .. '\31')
+  end
+end
+
+-- Copy new values of region-'' net sums (fields[k] -> values[k]) into their types' vectors.
+local function vec_write(fields, values)
+  local by_type, unknown = {}, {}
+  for k, field in ipairs(fields) do
+    local t, agent = string.match(field, '^n\31([^\31]*)\31\31(.*)$')
+    if t then
+      local list = by_type[t] or {}
+      by_type[t] = list
+      list[#list + 1], list[#list + 2] = agent, values[k]
+      if SLOTS[agent] == nil then unknown[#unknown + 1] = agent end
+    end
+  end
+  for k, slot in ipairs(hmget(K_AGENTS, unknown)) do SLOTS[unknown[k]] = tonumber(slot) end
+  for t, list in pairs(by_type) do
+    local key = K_VEC .. t
+    local vec = redis.call('GET', key) or ''
+    if 4 * #list < #vec / 8 then  -- few changes: a SETRANGE each
+      for j = 1, #list, 2 do redis.call('SETRANGE', key, 8 * SLOTS[list[j]], struct.pack('<d', list[j + 1])) end
+    else  -- many: one SET of the whole vector, a redis.call costing what ~10 slots copied in Lua do
+      local changed, size = {}, #vec / 8
+      for j = 1, #list, 2 do
+        local slot = SLOTS[list[j]]
+        changed[slot] = list[j + 1]
+        if slot >= size then size = slot + 1 end
+      end
+      local parts, zero = {}, struct.pack('<d', 0)
+      for slot = 0, size - 1 do
+        local v = changed[slot]
+        if v ~= nil then
+          parts[slot + 1] = struct.pack('<d', v)
+        elseif 8 * slot < #vec then
+          parts[slot + 1] = string.sub(vec, 8 * slot + 1, 8 * slot + 8)
+        else
+          parts[slot + 1] = zero
+        end
+      end
+      redis.call('SET', key, table.concat(parts), 'EX', IDLE_TTL)
+    end
+  end
+end
+
+-- Write type t's vector afresh from flat {field, value, ...} pairs holding all its sums (a rescale).
+local function vec_rebuild(t, flat)
+  local head, agents, values = 'n\31' .. t .. '\31\31', {}, {}
+  for k = 1, #flat, 2 do
+    if string.sub(flat[k], 1, #head) == head then
+      agents[#agents + 1], values[#values + 1] = string.sub(flat[k], #head + 1), flat[k + 1]
+    end
+  end
+  local parts, zero = {}, struct.pack('<d', 0)
+  for k = 1, redis.call('HLEN', K_AGENTS) do parts[k] = zero end
+  for k, slot in ipairs(hmget(K_AGENTS, agents)) do parts[tonumber(slot) + 1] = struct.pack('<d', values[k]) end
+  redis.call('SET', K_VEC .. t, table.concat(parts), 'EX', IDLE_TTL)
+end
+
 local TYPES = {}  -- type -> {rate, epoch}, read once per script
 
 local function type_info(t)
@@ -159,6 +246,7 @@ local function scale(t)
       end
     end
     call_chunked('HSET', K_ACC, rescaled, 2)
+    if VECTORS then vec_rebuild(t, rescaled) end
     info[2] = NOW
     redis.call('HSET', K_TYPES, t, fmt(info[1]) .. '|' .. fmt(NOW))
   end
@@ -177,14 +265,15 @@ end
 local function acc_write(fields, amounts, counts)
   if #fields == 0 then return end
   local sums, held = hmget(K_ACC, fields), hmget(K_COUNT, fields)
-  local set_sums, set_counts, gone = {}, {}, {}
+  local set_sums, set_counts, gone, now = {}, {}, {}, {}
   for k, field in ipairs(fields) do
     local n = (tonumber(held[k]) or 0) + counts[k]
     if n <= 0 then
-      gone[#gone + 1] = field
+      gone[#gone + 1], now[k] = field, 0
     else
       local j = #set_sums
-      set_sums[j + 1], set_sums[j + 2] = field, (tonumber(sums[k]) or 0) + amounts[k]
+      now[k] = (tonumber(sums[k]) or 0) + amounts[k]
+      set_sums[j + 1], set_sums[j + 2] = field, now[k]
       set_counts[j + 1], set_counts[j + 2] = field, string.format('%d', n)  -- cheaper than a number
     end
   end
@@ -192,6 +281,7 @@ local function acc_write(fields, amounts, counts)
   call_chunked('HSET', K_COUNT, set_counts, 2)
   call_chunked('HDEL', K_ACC, gone, 1)
   call_chunked('HDEL', K_COUNT, gone, 1)
+  if VECTORS then vec_write(fields, now) end
 end
 
 -- Changes to sums made one signal at a time (retirement, rescale), gathered per field.
@@ -308,8 +398,13 @@ end
 -- Keep every key IDLE_TTL from expiring; a key's expiry is rewritten only once it has run down
 -- by 1% (or the key is new), so most writes cost reads, not replicated EXPIREs.
 local function touch()
-  for i = 1, #KEYS do
-    if redis.call('TTL', KEYS[i]) < IDLE_TTL * 0.99 then redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
+  local keys = KEYS
+  if VECTORS then
+    keys = {unpack(KEYS)}
+    for _, t in ipairs(redis.call('HKEYS', K_TYPES)) do keys[#keys + 1] = K_VEC .. t end
+  end
+  for _, key in ipairs(keys) do
+    if redis.call('TTL', key) < IDLE_TTL * 0.99 then redis.call('EXPIRE', key, IDLE_TTL) end
   end
 end
 
@@ -402,12 +497,12 @@ for _, group in ipairs(types) do
     fields[k], amounts[k], counts[k] = group[j], group[j + 1] * landmark_now, group[j + 2]
   end
 end
+register_agents(names)
 acc_write(fields, amounts, counts)
 call_chunked('HSET', K_SIG, sig, 2)
 call_chunked('ZADD', K_EXP, exp, 2)
 call_chunked('HSET', K_INDEX, index, 2)
 call_chunked('SADD', K_GEN, gen, 1)
-call_chunked('SADD', K_AGENTS, names, 1)
 touch()
 return {fmt(NOW), first_id, n}
 
@@ -439,48 +534,63 @@ end
 return fmt(total)
 
 --@@ pressures
--- ARGV[4] region, ARGV[5..] weights, then the agents asked for (none: every agent seen).
--- One HMGET per type of one field per agent; the sums go back as stored (joined by \31) with each
--- type's factor, and the client does the arithmetic: formatting a number costs Lua more than
--- parsing one costs Python. Reply: {agents joined by \31 when none were asked for, else '';
--- {generic sum for all, position, generic adjustment, ...}; then per type: factor, sum 1, nets}.
+-- ARGV[4] region, ARGV[5] '1' if the client takes binary replies, ARGV[6..] weights, then the agents
+-- asked for (none: every agent seen). The sums go back as stored with each type's factor, and the
+-- client does the arithmetic: formatting a number costs Lua more than parsing one costs Python.
+-- Every agent, region '', binary: each type's vector as it is ('b'). Otherwise one HMGET per type of
+-- one field per agent, joined by \31 ('t'). Reply: {agents in slot order, each followed by \31, when
+-- none were asked for, else ''; {generic sum for all, position, generic adjustment, ...}; 'b' or 't';
+-- then per type: factor, sum 1, nets}.
 expire(NOW)
 local region = ARGV[4]
-local w, i = weights_from(5)
+local w, i = weights_from(6)
 local names = {}
 for k = i, #ARGV do names[#names + 1] = ARGV[k] end
-local reply = {'', {}}
-if #names == 0 then
-  names = redis.call('SMEMBERS', K_AGENTS)
-  reply[1] = table.concat(names, '\31')
+local everyone = #names == 0
+local vectors = everyone and region == '' and VECTORS and ARGV[5] == '1'
+local reply = {'', {}, vectors and 'b' or 't'}
+if everyone then
+  reply[1] = redis.call('GET', K_ORDER) or ''
+  if not vectors then
+    for name in string.gmatch(reply[1], '([^\31]+)') do names[#names + 1] = name end
+  end
 end
 for t, weight in pairs(w) do
   local unit = scale(t)
   if weight ~= 0 and unit ~= nil then
-    local head, fields = 'n\31' .. t .. '\31' .. region .. '\31', {}
-    for k = 1, #names do fields[k] = head .. names[k] end
-    local nets = hmget(K_ACC, fields)
-    for k = 1, #nets do
-      if not nets[k] then nets[k] = '0' end
-    end
     reply[#reply + 1] = fmt(weight * unit)
     reply[#reply + 1] = redis.call('HGET', K_ACC, '1\31' .. t .. '\31' .. region) or '0'
-    reply[#reply + 1] = table.concat(nets, '\31')
+    if vectors then
+      reply[#reply + 1] = redis.call('GET', K_VEC .. t) or ''
+    else
+      local head, fields = 'n\31' .. t .. '\31' .. region .. '\31', {}
+      for k = 1, #names do fields[k] = head .. names[k] end
+      local nets = hmget(K_ACC, fields)
+      for k = 1, #nets do
+        if not nets[k] then nets[k] = '0' end
+      end
+      reply[#reply + 1] = table.concat(nets, '\31')
+    end
   end
 end
 local generic = generic_records()
 if #generic > 0 then
   local index, public, own = {}, 0, {}
   for k, name in ipairs(names) do index[name] = k end
+  local function position(agent)  -- from 1, in the reply's order of agents
+    if not vectors then return index[agent] end
+    local slot = redis.call('HGET', K_AGENTS, agent)
+    return slot and tonumber(slot) + 1
+  end
   for _, r in ipairs(generic) do
     local weight = w[r.type]
     if weight and weight ~= 0 and (region == '' or r.region == region) then
       local v = weight * value(r, NOW)
       local k = nil
       if r.target == '' then
-        public, k, v = public + v, index[r.agent], -v
+        public, k, v = public + v, position(r.agent), -v
       elseif r.target ~= r.agent then
-        k = index[r.target]
+        k = position(r.target)
       end
       if k then own[k] = (own[k] or 0) + v end
     end

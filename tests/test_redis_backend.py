@@ -167,6 +167,58 @@ async def test_batch_sums_are_the_ones_retirement_takes_back() -> None:
     assert (await client.hlen(backend._keys[2]), await client.hlen(backend._keys[3])) == (0, 0)
 
 
+async def test_the_all_agent_read_survives_a_rebase_with_live_sums(redis_url: str) -> None:
+    """Real Redis keeps every agent's net sum in one vector per type as well: a rebase rescales the
+    sums, and the vector with them, or the all-agent read comes back e^100 times too large."""
+    clock = ManualClock(1000.0)
+    client = Redis.from_url(redis_url)
+    redis_field = PheromoneField(RedisFieldBackend(client, prefix(), clock=clock), ExponentialDecay(1.0))
+    memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), ExponentialDecay(1.0))
+    rebase_after = 100 / math.log(2.0)  # REBASE / rate, from the type's first deposit
+    for field in (redis_field, memory_field):
+        await field.deposit("a", "work", 0.5)  # the type's epoch
+    clock.advance(rebase_after - 1.0)
+    for field in (redis_field, memory_field):
+        await field.deposit("a", "work", 0.8, target_agent_id="b")
+        await field.deposit("c", "work", 0.4)
+    clock.advance(2.0)  # the next script rebases, while both signals are alive
+    expected = await memory_field.read_pressures()
+    got = await redis_field.read_pressures()
+    assert got.keys() == expected.keys() == {"a", "b", "c"}
+    assert all(math.isclose(got[a], v, rel_tol=1e-9, abs_tol=1e-12) for a, v in expected.items()), got
+    assert expected["b"] > 0.1
+    await client.aclose()
+
+
+async def test_the_all_agent_read_follows_single_writes_into_a_large_vector(redis_url: str) -> None:
+    """A write touching a few of many agents patches their slots in place; one touching many
+    rewrites the vector: both must read as the memory backend does."""
+    clock = ManualClock(1000.0)
+    client = Redis.from_url(redis_url)
+    name = prefix()
+    redis_field = PheromoneField(RedisFieldBackend(client, name, clock=clock), ExponentialDecay(30.0))
+    memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), ExponentialDecay(30.0))
+    rng = random.Random(11)
+    agents = [f"a{i}" for i in range(100)]
+    for field in (redis_field, memory_field):
+        await field.deposit_many(agents, "work", [0.5] * 100, target_agent_ids=agents[1:] + agents[:1])
+    for step in range(30):
+        agent, target, intensity = rng.choice(agents), rng.choice([None, *agents]), rng.uniform(-1.0, 1.0)
+        for field in (redis_field, memory_field):
+            await field.deposit(agent, "work", intensity, target_agent_id=target)
+            if step % 10 == 9:
+                await field.clear_agent(agent)
+        clock.advance(1.0)
+        expected, got = await memory_field.read_pressures(), await redis_field.read_pressures()
+        assert got.keys() == expected.keys()
+        assert all(math.isclose(got[a], v, rel_tol=1e-9, abs_tol=1e-12) for a, v in expected.items()), step
+    decoding = Redis.from_url(redis_url, decode_responses=True)  # can't take the vectors: reads the fields
+    text_field = PheromoneField(RedisFieldBackend(decoding, name, clock=clock), ExponentialDecay(30.0))
+    assert await text_field.read_pressures() == await redis_field.read_pressures()
+    await decoding.aclose()
+    await client.aclose()
+
+
 async def test_strategies_redis_cannot_compute_are_refused() -> None:
     class Custom:
         def compute(self, signal: Any, elapsed_seconds: float) -> float:
@@ -247,16 +299,22 @@ def test_four_processes_deposit_without_losing_an_update(redis_url: str) -> None
     assert math.isclose(fading[0], processes * 0.25, rel_tol=1e-4)
 
 
-async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases() -> None:
-    """A one-second half-life over ~20 minutes: without rebasing, the landmark sums would overflow."""
+@pytest.mark.parametrize("server", ["fakeredis", "redis-server"])
+async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """A one-second half-life over ~20 minutes: without rebasing, the landmark sums would overflow.
+    On redis-server the all-agent read comes from the per-type vectors, rebuilt at each rebase."""
     clock = ManualClock(1000.0)
     policy: dict[str, Any] = {
         "decay_strategy": ExponentialDecay(1.0),
         "decay_by_type": {"claim": StepDecay(30.0), "slow": ExponentialDecay(60.0)},
     }
-    redis_field = PheromoneField(
-        RedisFieldBackend(fakeredis.FakeAsyncRedis(), prefix(), clock=clock), **policy
-    )
+    if server == "fakeredis":
+        client: Any = fakeredis.FakeAsyncRedis()
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_url"))
+    redis_field = PheromoneField(RedisFieldBackend(client, prefix(), clock=clock), **policy)
     memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), **policy)
     rng = __import__("random").Random(5)
     agents = [f"a{i}" for i in range(6)]
@@ -280,10 +338,15 @@ async def test_long_runs_read_the_same_as_the_memory_backend_across_rebases() ->
                 expected = await memory_field.read_pressure(agent, region=region)
                 got = await redis_field.read_pressure(agent, region=region)
                 assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9), (step, agent, region)
-        expected_all = await memory_field.read_pressures(agents)
-        got_all = await redis_field.read_pressures(agents)
-        assert all(math.isclose(got_all[a], expected_all[a], rel_tol=1e-9, abs_tol=1e-9) for a in agents)
+        for asked in (agents, None):  # the given agents, then every agent seen
+            expected_all = await memory_field.read_pressures(asked)
+            got_all = await redis_field.read_pressures(asked)
+            assert got_all.keys() == expected_all.keys()
+            for a, v in expected_all.items():
+                assert math.isclose(got_all[a], v, rel_tol=1e-9, abs_tol=1e-9), (step, asked, a)
     assert clock() - 1000.0 > 1100  # e^(rate * elapsed) would overflow a double without rebasing
+    if server != "fakeredis":
+        await client.aclose()
 
 
 @pytest.mark.parametrize("server", ["fakeredis", "redis-server"])
