@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 _KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index", "order")
+_KEY_NAMES += ("vec", "vecs")  # every agent's net sums, one segment per type (redis_field.lua)
 _BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
 _BATCH_MAX = 1024  # and at most this many per batch: retiring some rewrites the rest of its entry
 _SEP = "\x1f"  # between the parts of a record or sum field: names are printable, JSON escapes it
@@ -382,9 +383,8 @@ class RedisFieldBackend:
 
     async def memory_bytes(self) -> int:
         """Bytes Redis reports for this field's keys (``MEMORY USAGE``)."""
-        types = [_text(t) for t in await self._command("hkeys", self._keys[7])]
         total = 0
-        for key in [*self._keys, *(f"{self._keys[0][:-3]}vec:{t}" for t in types)]:
+        for key in self._keys:
             total += int(await self._command("memory_usage", key, samples=0) or 0)
         return total
 

@@ -17,10 +17,11 @@
 --                   ZADD is the dearest part of a deposit. Decay is monotonic in |I| for one type, so the
 --                   client orders them; a rescaled signal leaves its batch for an entry of its own.
 --  11 order   string  the agents in slot order, each followed by \31
--- vec:<type> string  (real Redis only) every agent's net sum of the type for region '', as the little-endian
---                   double at 8 * slot: the all-agent read is one GET per type, not an HMGET of a field per
---                   agent, and the client parses no number. Open-ended, so not in KEYS, but under the same
---                   hash tag (one slot). A copy of the n fields, written wherever they are.
+--  12 vec     string  (real Redis only) a copy of the n fields for region '': per type a segment of
+--                   `capacity` little-endian doubles, the agent in slot s at 8 * (capacity * segment + s),
+--                   so the all-agent read is one GETRANGE per type, not an HMGET of a field per agent, and
+--                   the client parses no number. Written wherever the n fields are.
+--  13 vecs    hash  type -> its segment (0, 1, ...); '\31' -> capacity (doubles when slots outgrow it)
 -- ARGV[1] = now ('' = the server's TIME), ARGV[2] = evaporation threshold, ARGV[3] = idle TTL (s).
 --
 -- Records and sum fields join their parts with \31, which no part contains (names are printable,
@@ -45,11 +46,10 @@
 -- is indexed per batch, and numbers go to redis.call as numbers (Redis writes them exactly, with 17
 -- significant digits, in C).
 
-local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX, K_ORDER =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local K_SIG, K_EXP, K_ACC, K_COUNT, K_GEN, K_SEQ, K_EVAP, K_TYPES, K_AGENTS, K_INDEX = unpack(KEYS, 1, 10)
+local K_ORDER, K_VEC, K_VECS = KEYS[11], KEYS[12], KEYS[13]
 -- Vectors need Redis's struct library (every Redis since 2.6); without it (fakeredis) reads use the n fields.
 local VECTORS = struct ~= nil
-local K_VEC = string.sub(K_SIG, 1, -4) .. 'vec:'
 
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
@@ -156,48 +156,86 @@ local function register_agents(names)
   end
 end
 
--- Copy new values of region-'' net sums (fields[k] -> values[k]) into their types' vectors.
+local CAPACITY, SEGMENTS, ZERO = nil, {}, VECTORS and struct.pack('<d', 0)
+
+local function capacity()
+  if CAPACITY == nil then CAPACITY = tonumber(redis.call('HGET', K_VECS, '\31')) or 0 end
+  return CAPACITY
+end
+
+-- Make room for `slots` slots in every segment: rare, as the capacity at least doubles.
+local function reserve(slots)
+  local old = capacity()
+  if slots <= old then return end
+  local new = math.max(64, 2 * old, slots)
+  local vec, parts, pad = redis.call('GET', K_VEC) or '', {}, string.rep(ZERO, new - old)
+  for seg = 0, redis.call('HLEN', K_VECS) - 2 do  -- every field but capacity is a segment
+    local kept = string.sub(vec, 8 * old * seg + 1, 8 * old * (seg + 1))
+    parts[#parts + 1] = kept .. string.rep(ZERO, old - #kept / 8) .. pad
+  end
+  redis.call('SET', K_VEC, table.concat(parts))
+  redis.call('HSET', K_VECS, '\31', new)
+  CAPACITY = new
+end
+
+-- Type t's segment (nil: none yet, unless create).
+local function segment(t, create)
+  if SEGMENTS[t] == nil then
+    SEGMENTS[t] = tonumber(redis.call('HGET', K_VECS, t))
+    if SEGMENTS[t] == nil and create then
+      reserve(1)
+      SEGMENTS[t] = redis.call('HLEN', K_VECS) - 1
+      redis.call('HSET', K_VECS, t, SEGMENTS[t])
+    end
+  end
+  return SEGMENTS[t]
+end
+
+-- Set slots (changed: slot -> value) of t's segment: a SETRANGE each when few, else one for the
+-- used part of the segment (a redis.call costs what copying ~10 slots in Lua does).
+local function vec_set(t, changed, count)
+  local used = redis.call('HLEN', K_AGENTS)
+  reserve(used)
+  local base = 8 * capacity() * segment(t, true)
+  if 8 * count < used then
+    for slot, v in pairs(changed) do redis.call('SETRANGE', K_VEC, base + 8 * slot, struct.pack('<d', v)) end
+    return
+  end
+  local vec, parts = redis.call('GETRANGE', K_VEC, base, base + 8 * used - 1), {}
+  for slot = 0, used - 1 do
+    local v = changed[slot]
+    if v ~= nil then
+      parts[slot + 1] = struct.pack('<d', v)
+    elseif 8 * slot < #vec then
+      parts[slot + 1] = string.sub(vec, 8 * slot + 1, 8 * slot + 8)
+    else
+      parts[slot + 1] = ZERO
+    end
+  end
+  redis.call('SETRANGE', K_VEC, base, table.concat(parts))
+end
+
+-- Copy new values of region-'' net sums (fields[k] -> values[k]) into their types' segments.
 local function vec_write(fields, values)
   local by_type, unknown = {}, {}
   for k, field in ipairs(fields) do
     local t, agent = string.match(field, '^n\31([^\31]*)\31\31(.*)$')
     if t then
-      local list = by_type[t] or {}
-      by_type[t] = list
-      list[#list + 1], list[#list + 2] = agent, values[k]
+      by_type[t] = by_type[t] or {agents = {}, values = {}}
+      local list = by_type[t]
+      list.agents[#list.agents + 1], list.values[#list.values + 1] = agent, values[k]
       if SLOTS[agent] == nil then unknown[#unknown + 1] = agent end
     end
   end
   for k, slot in ipairs(hmget(K_AGENTS, unknown)) do SLOTS[unknown[k]] = tonumber(slot) end
   for t, list in pairs(by_type) do
-    local key = K_VEC .. t
-    local vec = redis.call('GET', key) or ''
-    if 4 * #list < #vec / 8 then  -- few changes: a SETRANGE each
-      for j = 1, #list, 2 do redis.call('SETRANGE', key, 8 * SLOTS[list[j]], struct.pack('<d', list[j + 1])) end
-    else  -- many: one SET of the whole vector, a redis.call costing what ~10 slots copied in Lua do
-      local changed, size = {}, #vec / 8
-      for j = 1, #list, 2 do
-        local slot = SLOTS[list[j]]
-        changed[slot] = list[j + 1]
-        if slot >= size then size = slot + 1 end
-      end
-      local parts, zero = {}, struct.pack('<d', 0)
-      for slot = 0, size - 1 do
-        local v = changed[slot]
-        if v ~= nil then
-          parts[slot + 1] = struct.pack('<d', v)
-        elseif 8 * slot < #vec then
-          parts[slot + 1] = string.sub(vec, 8 * slot + 1, 8 * slot + 8)
-        else
-          parts[slot + 1] = zero
-        end
-      end
-      redis.call('SET', key, table.concat(parts), 'EX', IDLE_TTL)
-    end
+    local changed = {}
+    for k, agent in ipairs(list.agents) do changed[SLOTS[agent]] = list.values[k] end
+    vec_set(t, changed, #list.agents)
   end
 end
 
--- Write type t's vector afresh from flat {field, value, ...} pairs holding all its sums (a rescale).
+-- Write t's segment afresh from flat {field, value, ...} pairs holding all its sums (a rescale).
 local function vec_rebuild(t, flat)
   local head, agents, values = 'n\31' .. t .. '\31\31', {}, {}
   for k = 1, #flat, 2 do
@@ -205,10 +243,10 @@ local function vec_rebuild(t, flat)
       agents[#agents + 1], values[#values + 1] = string.sub(flat[k], #head + 1), flat[k + 1]
     end
   end
-  local parts, zero = {}, struct.pack('<d', 0)
-  for k = 1, redis.call('HLEN', K_AGENTS) do parts[k] = zero end
-  for k, slot in ipairs(hmget(K_AGENTS, agents)) do parts[tonumber(slot) + 1] = struct.pack('<d', values[k]) end
-  redis.call('SET', K_VEC .. t, table.concat(parts), 'EX', IDLE_TTL)
+  local changed, used = {}, redis.call('HLEN', K_AGENTS)
+  for slot = 0, used - 1 do changed[slot] = 0 end
+  for k, slot in ipairs(hmget(K_AGENTS, agents)) do changed[tonumber(slot)] = values[k] end
+  vec_set(t, changed, used)
 end
 
 local TYPES = {}  -- type -> {rate, epoch}, read once per script
@@ -398,13 +436,8 @@ end
 -- Keep every key IDLE_TTL from expiring; a key's expiry is rewritten only once it has run down
 -- by 1% (or the key is new), so most writes cost reads, not replicated EXPIREs.
 local function touch()
-  local keys = KEYS
-  if VECTORS then
-    keys = {unpack(KEYS)}
-    for _, t in ipairs(redis.call('HKEYS', K_TYPES)) do keys[#keys + 1] = K_VEC .. t end
-  end
-  for _, key in ipairs(keys) do
-    if redis.call('TTL', key) < IDLE_TTL * 0.99 then redis.call('EXPIRE', key, IDLE_TTL) end
+  for i = 1, #KEYS do
+    if redis.call('TTL', KEYS[i]) < IDLE_TTL * 0.99 then redis.call('EXPIRE', KEYS[i], IDLE_TTL) end
   end
 end
 
@@ -537,7 +570,7 @@ return fmt(total)
 -- ARGV[4] region, ARGV[5] '1' if the client takes binary replies, ARGV[6..] weights, then the agents
 -- asked for (none: every agent seen). The sums go back as stored with each type's factor, and the
 -- client does the arithmetic: formatting a number costs Lua more than parsing one costs Python.
--- Every agent, region '', binary: each type's vector as it is ('b'). Otherwise one HMGET per type of
+-- Every agent, region '', binary: each type's segment as it is ('b'). Otherwise one HMGET per type of
 -- one field per agent, joined by \31 ('t'). Reply: {agents in slot order, each followed by \31, when
 -- none were asked for, else ''; {generic sum for all, position, generic adjustment, ...}; 'b' or 't';
 -- then per type: factor, sum 1, nets}.
@@ -560,8 +593,10 @@ for t, weight in pairs(w) do
   if weight ~= 0 and unit ~= nil then
     reply[#reply + 1] = fmt(weight * unit)
     reply[#reply + 1] = redis.call('HGET', K_ACC, '1\31' .. t .. '\31' .. region) or '0'
-    if vectors then
-      reply[#reply + 1] = redis.call('GET', K_VEC .. t) or ''
+    if vectors then  -- slots past the capacity were never written: the client reads them as 0
+      local seg, used = segment(t, false), math.min(redis.call('HLEN', K_AGENTS), capacity())
+      local base = seg and 8 * capacity() * seg
+      reply[#reply + 1] = (seg and used > 0) and redis.call('GETRANGE', K_VEC, base, base + 8 * used - 1) or ''
     else
       local head, fields = 'n\31' .. t .. '\31' .. region .. '\31', {}
       for k = 1, #names do fields[k] = head .. names[k] end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -192,7 +193,8 @@ async def test_the_all_agent_read_survives_a_rebase_with_live_sums(redis_url: st
 
 async def test_the_all_agent_read_follows_single_writes_into_a_large_vector(redis_url: str) -> None:
     """A write touching a few of many agents patches their slots in place; one touching many
-    rewrites the vector: both must read as the memory backend does."""
+    rewrites the type's segment; new agents past the capacity (64) move every segment: all must
+    read as the memory backend does."""
     clock = ManualClock(1000.0)
     client = Redis.from_url(redis_url)
     name = prefix()
@@ -200,12 +202,13 @@ async def test_the_all_agent_read_follows_single_writes_into_a_large_vector(redi
     memory_field = PheromoneField(InMemoryFieldBackend(clock=clock), ExponentialDecay(30.0))
     rng = random.Random(11)
     agents = [f"a{i}" for i in range(100)]
-    for field in (redis_field, memory_field):
-        await field.deposit_many(agents, "work", [0.5] * 100, target_agent_ids=agents[1:] + agents[:1])
-    for step in range(30):
+    for field, signal_type in itertools.product((redis_field, memory_field), ("work", "claim")):
+        await field.deposit_many(agents[:60], signal_type, [0.5] * 60, target_agent_ids=agents[1:61])
+    for step in range(40):
         agent, target, intensity = rng.choice(agents), rng.choice([None, *agents]), rng.uniform(-1.0, 1.0)
+        signal_type = rng.choice(["work", "claim"])
         for field in (redis_field, memory_field):
-            await field.deposit(agent, "work", intensity, target_agent_id=target)
+            await field.deposit(agent, signal_type, intensity, target_agent_id=target)
             if step % 10 == 9:
                 await field.clear_agent(agent)
         clock.advance(1.0)
