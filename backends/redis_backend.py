@@ -49,8 +49,22 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Redis backend needs the redis package: pip install 'stigmergy-field[redis]'"
     ) from exc
 
-_KEY_NAMES = ("sig", "exp", "acc", "count", "gen", "seq", "evap", "types", "agents", "index", "order")
-_KEY_NAMES += ("vec", "vecs")  # every agent's net sums, one segment per type (redis_field.lua)
+# In the order of KEYS in redis_field.lua, which says what each holds.
+_KEY_NAMES = [
+    "sig",
+    "exp",
+    "acc",
+    "count",
+    "gen",
+    "seq",
+    "evap",
+    "types",
+    "agents",
+    "index",
+    "order",
+    "vec",
+    "vecs",
+]
 _BATCHED = 16  # a deposit's signals of one type are indexed for expiry as one batch from this many
 _BATCH_MAX = 1024  # and at most this many per batch: retiring some rewrites the rest of its entry
 _SEP = "\x1f"  # between the parts of a record or sum field: names are printable, JSON escapes it
