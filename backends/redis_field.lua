@@ -191,8 +191,29 @@ local function segment(t, create)
   return SEGMENTS[t]
 end
 
+-- n doubles from s (zeros past its end) and back: one struct call per 4,000 (Lua's stack limit).
+local function doubles(s, n)
+  local out, have = {}, math.floor(#s / 8)
+  for first = 0, have - 1, 4000 do
+    local m = math.min(4000, have - first)
+    local got = {struct.unpack('<' .. string.rep('d', m), s, 8 * first + 1)}
+    for k = 1, m do out[first + k] = got[k] end
+  end
+  for k = have + 1, n do out[k] = 0 end
+  return out
+end
+
+local function packed(values)
+  local parts = {}
+  for first = 1, #values, 4000 do
+    local last = math.min(first + 3999, #values)
+    parts[#parts + 1] = struct.pack('<' .. string.rep('d', last - first + 1), unpack(values, first, last))
+  end
+  return table.concat(parts)
+end
+
 -- Set slots (changed: slot -> value) of t's segment: a SETRANGE each when few, else one for the
--- used part of the segment (a redis.call costs what copying ~10 slots in Lua does).
+-- used part of the segment (a redis.call costs what unpacking and packing ~10 slots does).
 local function vec_set(t, changed, count)
   local used = redis.call('HLEN', K_AGENTS)
   reserve(used)
@@ -201,25 +222,17 @@ local function vec_set(t, changed, count)
     for slot, v in pairs(changed) do redis.call('SETRANGE', K_VEC, base + 8 * slot, struct.pack('<d', v)) end
     return
   end
-  local vec, parts = redis.call('GETRANGE', K_VEC, base, base + 8 * used - 1), {}
-  for slot = 0, used - 1 do
-    local v = changed[slot]
-    if v ~= nil then
-      parts[slot + 1] = struct.pack('<d', v)
-    elseif 8 * slot < #vec then
-      parts[slot + 1] = string.sub(vec, 8 * slot + 1, 8 * slot + 8)
-    else
-      parts[slot + 1] = ZERO
-    end
-  end
-  redis.call('SETRANGE', K_VEC, base, table.concat(parts))
+  local values = doubles(redis.call('GETRANGE', K_VEC, base, base + 8 * used - 1), used)
+  for slot, v in pairs(changed) do values[slot + 1] = v end
+  redis.call('SETRANGE', K_VEC, base, packed(values))
 end
 
 -- Copy new values of region-'' net sums (fields[k] -> values[k]) into their types' segments.
 local function vec_write(fields, values)
   local by_type, unknown = {}, {}
   for k, field in ipairs(fields) do
-    local t, agent = string.match(field, '^n\31([^\31]*)\31\31(.*)$')
+    local t, agent = nil, nil
+    if string.byte(field) == 110 then t, agent = string.match(field, '^n\31([^\31]*)\31\31(.*)$') end
     if t then
       by_type[t] = by_type[t] or {agents = {}, values = {}}
       local list = by_type[t]
