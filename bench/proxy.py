@@ -14,9 +14,10 @@ less than the proxy needs to show 3,000.
 1. Latency and throughput: for 1 and 64 concurrent connections, non-streamed and
    streamed (SSE) chat completions, each for ``--seconds``: p50/p99 latency of a
    whole request (to the last byte) and requests/s, direct to the mock and through the
-   proxy; "added" is the difference. The mock itself is Python; at 64 connections it is
-   the ceiling of both rows, so a last row runs the proxy in front of a canned-response
-   upstream (a bare asyncio server) to show what the proxy alone sustains.
+   proxy; "added" is the difference. The mock itself is Python, and the proxy shares the
+   two cores with it, so a last row runs the proxy in front of a canned-response upstream
+   (a bare asyncio server) to show what the proxy alone sustains; the row before it, the
+   load generator straight to that upstream, is the load generator's ceiling.
 2. Memory: ``--streams`` SSE streams held open through a fresh proxy (to a mock that
    sends a token a second); the proxy's peak RSS (VmHWM) once every stream has its
    first bytes.
