@@ -411,9 +411,9 @@ def upstream_clients(seconds: float) -> None:
         for client in ("httpx", "aiohttp"):
             with server(this_script("--serve-passthrough", client, canned), "pass-through") as (url, _):
                 runs = [run(load(url, n, False, seconds, f"pass-through, {client}")) for n in (1, 64)]
-            for run in runs:
-                p50 = run.quantile(0.5)
-                print(f"  {client:<8} {run.connections:>2} conns: {run.rate:>6.0f} req/s, p50 {p50:.2f} ms")
+            for measured in runs:
+                p50, rate = measured.quantile(0.5), measured.rate
+                print(f"  {client:<8} {measured.connections:>2} conns: {rate:>6.0f} req/s, p50 {p50:.2f} ms")
 
 
 def verdict(ok: bool) -> str:
