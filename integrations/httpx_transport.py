@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -41,7 +41,7 @@ KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 RETRIED = ("quota", "overloaded", "transient")
 
 
-def key_hash(headers: httpx.Headers) -> str:
+def key_hash(headers: Mapping[str, str]) -> str:
     """Which credential a request uses, as a short hash: channels per key, and keys never stored."""
     for name in KEY_HEADERS:
         if value := headers.get(name):

@@ -22,6 +22,7 @@ serves it. The parts live in ``proxy_*`` modules beside this one.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -223,10 +224,15 @@ class ProxyApp:
         )
         self.metrics.in_flight += 1
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_disconnect, receive, call, tg.cancel_scope)
-                await self._forward(call, send)
-                tg.cancel_scope.cancel()
+            # A bare task for the watcher, not a task group: this runs for every request, and
+            # the proxy runs on asyncio only (uvicorn, aiohttp). Cancelled unfinished is fine:
+            # it only ever waits in receive().
+            with anyio.CancelScope() as cancel:
+                watcher = asyncio.ensure_future(self._watch_disconnect(receive, call, cancel))
+                try:
+                    await self._forward(call, send)
+                finally:
+                    watcher.cancel()
         finally:
             self.metrics.in_flight -= 1
             self.metrics.record(call.record(path, query.decode("latin-1")))
@@ -261,6 +267,8 @@ class ProxyApp:
         limit = WAIT_SHARE * timeout if timeout else None
         started = time.perf_counter()
         try:
+            if limit is None:  # no deadline announced: no cancel scope on the way in and out
+                return await self.gate.acquire(call.agent, call.route, call.priority, call.cost)
             with anyio.fail_after(limit):
                 return await self.gate.acquire(call.agent, call.route, call.priority, call.cost)
         except TimeoutError as exc:

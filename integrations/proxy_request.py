@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from stigmergy.integrations.httpx_transport import AGENT_HEADER, KEY_HEADERS, PRIORITY_HEADER, key_hash
 from stigmergy.integrations.proxy_upstream import HOP_BY_HOP, Headers
 
@@ -54,7 +52,10 @@ class Incoming:
 
     def key(self) -> str:
         """The credential's short hash: requests with one key share its channel."""
-        return key_hash(httpx.Headers(self.credentials)) if self.credentials else "-"
+        joined: dict[str, str] = {}  # repeated headers joined as httpx.Headers does, without building one
+        for name, value in self.credentials:
+            joined[name] = f"{joined[name]}, {value}" if name in joined else value
+        return key_hash(joined) if joined else "-"
 
     def authorised(self, token: bytes | None) -> bool:
         """Whether the request carries the access token (always, when none is configured)."""

@@ -182,8 +182,10 @@ class _Channel:
     failures: int = 0  # consecutive 5xx/overloads, for the back-off
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+        """Wake whoever waits on ``changed``; with nobody waiting there is nothing to wake or replace."""
+        if self.changed.statistics().tasks_waiting:
+            self.changed.set()
+            self.changed = anyio.Event()
 
 
 class Gate:
@@ -274,8 +276,11 @@ class Gate:
             ticket.reservation = self.budgets.reserve(agent_id, cost.input_tokens + cost.output_tokens)
         heapq.heappush(channel.waiters, (ticket.key, next(self._seq), ticket))
         try:
-            with anyio.fail_after(self.max_wait if self.max_wait is not None else math.inf):
+            if self.max_wait is None:  # no deadline: no cancel scope to enter and leave on every request
                 await self._wait_turn(channel, route, ticket)
+            else:
+                with anyio.fail_after(self.max_wait):
+                    await self._wait_turn(channel, route, ticket)
         except TimeoutError:
             self._abandon(channel, ticket)
             raise AdmissionTimeoutError(

@@ -733,6 +733,15 @@ async def _watch_disconnect(
         scope.cancel()
 
 
+def _on_asyncio() -> bool:
+    """Whether the app runs on asyncio (not trio, through anyio)."""
+    try:
+        asyncio.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 async def _lifespan(receive: Receive, send: Send) -> None:
     """Accept startup and shutdown, so any ASGI server can host the app."""
     while True:
@@ -904,12 +913,21 @@ class MockLLMAPI:
         self._stats.max_in_flight = max(self._stats.max_in_flight, self._stats.in_flight)
         progress = Progress()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_disconnect, receive, exchange, progress, tg.cancel_scope)
-                await self._sleep(draw.ttft)
-                if draw.fault != "reset":
-                    await self._reply(dialect, call, draw, exchange, request_id, progress)
-                tg.cancel_scope.cancel()
+            if _on_asyncio():
+                # The common case (uvicorn, httpx on asyncio): a bare task for the watcher costs a
+                # fraction of a task group, and it only ever waits in receive(), so it can be
+                # cancelled without being awaited.
+                with anyio.CancelScope() as cancel:
+                    watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange, progress, cancel))
+                    try:
+                        await self._serve(dialect, call, draw, exchange, request_id, progress)
+                    finally:
+                        watcher.cancel()
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_watch_disconnect, receive, exchange, progress, tg.cancel_scope)
+                    await self._serve(dialect, call, draw, exchange, request_id, progress)
+                    tg.cancel_scope.cancel()
         finally:
             self._stats.in_flight -= 1
             self._limits.give_back(call.max_output - progress.generated, self._clock())
@@ -919,6 +937,20 @@ class MockLLMAPI:
             await self._reset(scope, receive)
         else:
             self._stats.record(call)
+
+    async def _serve(
+        self,
+        dialect: Dialect,
+        call: Call,
+        draw: Draw,
+        exchange: Exchange,
+        request_id: str,
+        progress: Progress,
+    ) -> None:
+        """The time to first token, then the reply (none for a reset: the caller drops the connection)."""
+        await self._sleep(draw.ttft)
+        if draw.fault != "reset":
+            await self._reply(dialect, call, draw, exchange, request_id, progress)
 
     async def _reply(
         self,

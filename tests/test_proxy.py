@@ -251,7 +251,12 @@ async def test_foreign_targets_are_refused_and_only_the_upstream_is_contacted() 
     upstream = ScriptedUpstream()
     async with proxied(upstream) as (client, _):
         host, port = str(client.base_url).removeprefix("http://").rstrip("/").split(":")
-        for line in (b"GET http://example.com/v1/models HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1"):
+        for line in (
+            b"GET http://example.com/v1/models HTTP/1.1",  # httptools alone would hand over "/v1/models"
+            b"POST http://example.com HTTP/1.1",
+            b"CONNECT example.com:443 HTTP/1.1",
+            b"OPTIONS * HTTP/1.1",
+        ):
             async with await anyio.connect_tcp(host, int(port)) as stream:
                 await stream.send(line + b"\r\nhost: example.com\r\nconnection: close\r\n\r\n")
                 reply = b""
