@@ -59,7 +59,7 @@ class DemoSettings:
 
 @dataclass
 class RunResult:
-    """One run, as the final table shows it; ``samples`` are (t, in flight, done, 429s) for the plot."""
+    """One run, as the final table shows it; ``samples`` are :class:`Sample` rows for the plot."""
 
     name: str
     calls: int
@@ -72,8 +72,23 @@ class RunResult:
     makespan: float = 0.0
     goodput: float = 0.0
     status: dict[str, str] = field(default_factory=dict)
-    in_flight: int = 0
-    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
+    outstanding: int = 0  # calls asked for and not yet answered
+    queued: int = 0  # of those, not at the API: waiting in the gate, or sleeping before a retry
+    pressure: float = 0.0  # the share of its rate-limit window the API has used
+    samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The run at one moment (API seconds since its start)."""
+
+    t: float
+    outstanding: int
+    queued: int
+    upstream: int  # calls the mock is serving
+    completed: int
+    rate_limited: int
+    pressure: float
 
 
 def _payload(agent: int, call: int) -> dict[str, Any]:
@@ -134,11 +149,11 @@ async def _run(
         key = f"agent-{n:02d}"
         for step in range(settings.calls):
             result.status[key] = f"call {step + 1}"
-            result.in_flight += 1
+            result.outstanding += 1
             try:
                 ok = await call(n, step, clock, mock)
             finally:
-                result.in_flight -= 1
+                result.outstanding -= 1
             if not ok:
                 result.failed += 1
                 result.dead += 1
@@ -149,8 +164,20 @@ async def _run(
 
     async def sample() -> None:
         while True:
-            result.rate_limited = mock.stats.rate_limited
-            result.samples.append((clock() - start, result.in_flight, result.completed, result.rate_limited))
+            stats = mock.stats
+            result.rate_limited, result.pressure = stats.rate_limited, mock.used()
+            result.queued = max(0, result.outstanding - stats.in_flight)
+            result.samples.append(
+                Sample(
+                    clock() - start,
+                    result.outstanding,
+                    result.queued,
+                    stats.in_flight,
+                    result.completed,
+                    result.rate_limited,
+                    result.pressure,
+                )
+            )
             if on_sample is not None:
                 on_sample(result, clock() - start)
             await clock.sleep(0.5)
@@ -224,7 +251,7 @@ def table(results: tuple[RunResult, RunResult], settings: DemoSettings) -> str:
 
 
 def plot(results: tuple[RunResult, RunResult], path: str) -> None:
-    """In flight, completions and upstream 429s over time for both runs (needs matplotlib)."""
+    """Pressure, calls at the API and waiting, completions and 429s over time, both runs (matplotlib)."""
     try:
         importlib.import_module("matplotlib").use("Agg")  # files only, no window
         plt: Any = importlib.import_module("matplotlib.pyplot")
@@ -232,17 +259,20 @@ def plot(results: tuple[RunResult, RunResult], path: str) -> None:
         raise ConfigurationError(
             f"--plot needs matplotlib: pip install 'stigmergy-field[bench]' ({exc})"
         ) from None
-    figure, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    for result in results:
-        times = [sample[0] for sample in result.samples]
-        for axis, column in zip(axes, (1, 2, 3), strict=True):
-            axis.plot(times, [sample[column] for sample in result.samples], label=result.name)
-    for axis, title in zip(
-        axes, ("calls outstanding (waiting or in flight)", "calls completed", "upstream 429s"), strict=True
-    ):
+    panels: list[tuple[str, Callable[[Sample], float]]] = [
+        ("pressure: share of the API's rate-limit window used", lambda s: s.pressure),
+        ("calls at the API (in flight)", lambda s: s.upstream),
+        ("calls waiting (in the gate, or before a retry)", lambda s: s.queued),
+        ("calls completed", lambda s: s.completed),
+        ("upstream 429s", lambda s: s.rate_limited),
+    ]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 11), sharex=True)
+    for axis, (title, column) in zip(axes, panels, strict=True):
+        for result in results:
+            axis.plot([s.t for s in result.samples], [column(s) for s in result.samples], label=result.name)
         axis.set_title(title)
         axis.legend()
-    axes[2].set_xlabel("API seconds")
+    axes[-1].set_xlabel("API seconds")
     figure.tight_layout()
     figure.savefig(path)
 
@@ -292,7 +322,9 @@ class _progress:
     def _update(self, result: RunResult, t: float) -> None:
         glyph = {"done": "[green]●[/]", "died": "[red]✗[/]"}
         agents = " ".join(glyph.get(s, "[yellow]…[/]") for _, s in sorted(result.status.items()))
+        at_api = result.outstanding - result.queued
         self._live.update(
             f"[bold]{result.name}[/]  t={t:5.0f}s  done {result.completed}/{result.calls}  "
-            f"in flight {result.in_flight}  429s {result.rate_limited}  died {result.dead}\n{agents}"
+            f"window used {result.pressure:4.0%}  at the API {at_api}  waiting {result.queued}  "
+            f"429s {result.rate_limited}  died {result.dead}\n{agents}"
         )

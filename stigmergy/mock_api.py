@@ -192,6 +192,11 @@ class TokenBucket:
         self._refill(now)
         return max(0, math.floor(self._level + 1e-9))
 
+    def used(self, now: float) -> float:
+        """The share of the capacity spent and not yet refilled, in [0, 1]."""
+        self._refill(now)
+        return min(1.0, max(0.0, 1.0 - self._level / self.limit))
+
     def until_full(self, now: float) -> float:
         """What providers call "reset": seconds until the bucket is full again."""
         self._refill(now)
@@ -785,6 +790,11 @@ class MockLLMAPI:
     def stats(self) -> MockStats:
         """The live counters (``GET /_stats`` serves them as JSON)."""
         return self._stats
+
+    def used(self) -> float:
+        """How much of its fullest rate-limit window the API has used now (0 without limits)."""
+        now = self._clock()
+        return max((bucket.used(now) for bucket in self._limits.buckets.values()), default=0.0)
 
     def reset(self) -> None:
         """Start over: stats zeroed, buckets full, RNG reseeded; calls in flight still finish."""

@@ -170,9 +170,11 @@ def test_go_durations_as_openai_sends_them(seconds: float, text: str) -> None:
 async def test_rpm_bucket_429_headers_and_refill_on_an_injected_clock() -> None:
     clock = ManualClock(100.0)
     app = MockLLMAPI(MockConfig(rpm=60), clock=clock, wall_clock=lambda: WALL)
+    assert app.used() == 0.0
     async with raw_client(app) as client:
         for _ in range(60):
             assert (await client.post(CHAT, json=chat())).status_code == 200
+        assert app.used() == 1.0  # what the demo shows as the API's pressure
         refused = await client.post(CHAT, json=chat())
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1" and refused.headers["retry-after-ms"] == "1000"
@@ -197,6 +199,8 @@ async def test_rpm_bucket_429_headers_and_refill_on_an_injected_clock() -> None:
         assert (await client.post(CHAT, json=chat())).status_code == 200
         assert (await client.post(CHAT, json=chat())).status_code == 429
     assert app.stats.rate_limited == 3 and app.stats.completed == 61
+    clock.advance(15.0)
+    assert abs(app.used() - 0.75) < 1e-9
 
 
 @pytest.mark.anyio
