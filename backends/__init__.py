@@ -4,6 +4,7 @@ from stigmergy.backends.memory import InMemoryFieldBackend
 from stigmergy.backends.protocol import (
     DepositBatch,
     FieldBackend,
+    PressureFloor,
     PressureQuery,
     SignalFilter,
     StoredSignal,
@@ -14,6 +15,7 @@ __all__ = [
     "DepositBatch",
     "FieldBackend",
     "InMemoryFieldBackend",
+    "PressureFloor",
     "PressureQuery",
     "SignalFilter",
     "StoredSignal",

@@ -432,6 +432,10 @@ class InMemoryFieldBackend:
         n = len(batch)
         if n == 0:
             return 0
+        for floor in batch.floors:  # no await suspends in here: checked and stored in one step
+            query = PressureQuery(signal_types=(floor.signal_type,), region=floor.region)
+            if await self.pressure(None, query) < floor.at_least:
+                return 0
         now = self._clock()
         agents = self._agents.intern_many(batch.agent_ids)
         targets = self._agents.intern_many(batch.target_agent_ids)

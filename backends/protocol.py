@@ -19,12 +19,23 @@ from stigmergy.signal import Signal
 
 
 @dataclass(frozen=True, slots=True)
+class PressureFloor:
+    """A condition of a guarded deposit: every signal of ``signal_type`` at ``region`` (None:
+    every region), targeted or not, sums to at least ``at_least`` now."""
+
+    signal_type: str
+    region: str | None
+    at_least: float
+
+
+@dataclass(frozen=True, slots=True)
 class DepositBatch:
     """Columns of validated deposits, all made at the same instant.
 
     ``agent_ids``, ``signal_types``, ``target_agent_ids`` and ``regions`` have one entry
     per deposit (target/region entries may be None); ``metadata`` is None or one dict
-    per deposit.
+    per deposit. With ``floors``, the batch is stored only if every floor holds, checked
+    in the same atomic step as the deposit; otherwise nothing is stored.
     """
 
     agent_ids: Sequence[str]
@@ -33,6 +44,7 @@ class DepositBatch:
     target_agent_ids: Sequence[str | None]
     regions: Sequence[str | None]
     metadata: Sequence[dict[str, Any]] | None = None
+    floors: tuple[PressureFloor, ...] = ()
 
     def __len__(self) -> int:
         return len(self.intensities)
@@ -98,7 +110,7 @@ class FieldBackend(Protocol):
         and return it with its id and deposit time."""
 
     async def deposit_many(self, batch: DepositBatch) -> int:
-        """Store many validated signals at once; returns how many were stored."""
+        """Store many validated signals at once; returns how many were stored (0: a floor failed)."""
 
     async def pressure(self, agent_id: str | None, query: PressureQuery) -> float:
         """What ``agent_id`` feels now (None: every signal, targeted or not)."""

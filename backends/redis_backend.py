@@ -300,7 +300,7 @@ class RedisFieldBackend:
         arguments = self._deposits(
             [agent_id], [signal_type], [float(intensity)], [target_agent_id], [region], [metadata]
         )
-        reply = await self._run("deposit", *arguments)
+        reply = await self._run("deposit", *arguments, "[]")
         now = float(_text(reply[0]))
         return Signal(
             id=_text(reply[1]),
@@ -328,7 +328,8 @@ class RedisFieldBackend:
             batch.regions,
             metadata,
         )
-        reply = await self._run("deposit", *arguments)
+        floors = json.dumps([[f.signal_type, f.region or "", f.at_least] for f in batch.floors])
+        reply = await self._run("deposit", *arguments, floors)
         return int(_text(reply[2]))
 
     async def rescale(

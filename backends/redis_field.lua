@@ -494,10 +494,36 @@ local function generic_records()
   return out
 end
 
+-- What agent feels (anyone: every signal, targeted or not) at region ('' = every region), weighed by w.
+local function felt(agent, anyone, region, w)
+  local total = 0
+  for t, weight in pairs(w) do
+    local unit = scale(t)
+    if weight ~= 0 and unit ~= nil then
+      local tail = t .. '\31' .. region
+      if anyone then
+        total = total + weight * unit * (tonumber(redis.call('HGET', K_ACC, '0\31' .. tail)) or 0)
+      else
+        local v = redis.call('HMGET', K_ACC, '1\31' .. tail, 'n\31' .. tail .. '\31' .. agent)
+        total = total + weight * unit * ((tonumber(v[1]) or 0) + (tonumber(v[2]) or 0))
+      end
+    end
+  end
+  for _, r in ipairs(generic_records()) do
+    local weight = w[r.type]
+    if weight and weight ~= 0 and (region == '' or r.region == region) and
+        (anyone or (visible_to(r, agent) and r.agent ~= agent)) then
+      total = total + weight * value(r, NOW)
+    end
+  end
+  return total
+end
+
 --@@ deposit
 -- ARGV[4]: JSON [n, decay, names, types, alone, batches, generic], ARGV[5]: the n records up to their
 -- deposit time (appended here), separated by \30; both from RedisFieldBackend._deposits, so that this
--- script, which every client of the field waits on, parses and formats nothing per signal:
+-- script, which every client of the field waits on, parses and formats nothing per signal;
+-- ARGV[6]: JSON [[type, region, at least], ...]: floors that must all hold, or nothing is stored.
 --   decay    [kind, param] pairs
 --   names    the agents the batch names, depositors and targets, each once
 --   types    per type: [type, rate, field, amount, count, field, amount, count, ...], the batch's
@@ -506,6 +532,9 @@ end
 --   batches  [decay, intensity of the first, positions as index stores them] per type of the others
 --   generic  positions of the signals evaluated one by one ('l', 'x')
 expire(NOW)
+for _, floor in ipairs(cjson.decode(ARGV[6])) do
+  if felt('', true, floor[2], {[floor[1]] = 1}) < floor[3] then return {fmt(NOW), '', 0} end
+end
 local batch = cjson.decode(ARGV[4])
 local n, decay, names, types, alone, batches, generic =
   batch[1], batch[2], batch[3], batch[4], batch[5], batch[6], batch[7]
@@ -555,29 +584,7 @@ return {fmt(NOW), first_id, n}
 --@@ pressure
 -- ARGV[4] agent ('' with ARGV[5] = '0' means nobody: every signal), ARGV[6] region, ARGV[7..] weights
 expire(NOW)
-local agent, anyone, region = ARGV[4], ARGV[5] == '0', ARGV[6]
-local w = weights_from(7)
-local total = 0
-for t, weight in pairs(w) do
-  local unit = scale(t)
-  if weight ~= 0 and unit ~= nil then
-    local tail = t .. '\31' .. region
-    if anyone then
-      total = total + weight * unit * (tonumber(redis.call('HGET', K_ACC, '0\31' .. tail)) or 0)
-    else
-      local v = redis.call('HMGET', K_ACC, '1\31' .. tail, 'n\31' .. tail .. '\31' .. agent)
-      total = total + weight * unit * ((tonumber(v[1]) or 0) + (tonumber(v[2]) or 0))
-    end
-  end
-end
-for _, r in ipairs(generic_records()) do
-  local weight = w[r.type]
-  if weight and weight ~= 0 and (region == '' or r.region == region) and
-      (anyone or (visible_to(r, agent) and r.agent ~= agent)) then
-    total = total + weight * value(r, NOW)
-  end
-end
-return fmt(total)
+return fmt(felt(ARGV[4], ARGV[5] == '0', ARGV[6], (weights_from(7))))
 
 --@@ pressures
 -- ARGV[4] region, ARGV[5] '1' if the client takes binary replies, ARGV[6..] weights, then the agents

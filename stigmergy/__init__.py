@@ -16,6 +16,7 @@ from typing import Any
 from stigmergy.backends import (
     FieldBackend,
     InMemoryFieldBackend,
+    PressureFloor,
     backend_from_url,
 )
 from stigmergy.budgets import TokenBudgets
@@ -89,6 +90,7 @@ __all__ = [
     "LinearDecay",
     "ManualClock",
     "PheromoneField",
+    "PressureFloor",
     "Quota",
     "QuotaExhaustedError",
     "RateLimitInfo",

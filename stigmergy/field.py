@@ -26,6 +26,7 @@ from stigmergy.backends.memory import InMemoryFieldBackend
 from stigmergy.backends.protocol import (
     DepositBatch,
     FieldBackend,
+    PressureFloor,
     PressureQuery,
     SignalFilter,
     StoredSignal,
@@ -209,11 +210,15 @@ class PheromoneField:
         target_agent_ids: str | Sequence[str | None] | None = None,
         regions: str | Sequence[str | None] | None = None,
         metadata: Sequence[dict[str, Any] | None] | None = None,
+        floors: Sequence[PressureFloor] = (),
     ) -> int:
         """Deposit many signals at one instant, columns at a time; returns how many.
 
         Any column may be a single value that applies to every deposit. The whole
-        batch is validated before anything is stored: all or nothing.
+        batch is validated before anything is stored: all or nothing. With ``floors``
+        the batch is stored only if each holds, checked in the same atomic step (on a
+        shared backend too); 0 means one did not and nothing was stored. That is how
+        processes sharing a field take a share of a window without overshooting it.
         """
         sequences = [
             c
@@ -246,9 +251,16 @@ class PheromoneField:
             for name in set(column):
                 check_name(name, what, optional=optional)
         metas = None if metadata is None else [check_metadata(m) for m in _column(metadata, n, "metadata")]
-        batch = DepositBatch(agents, types, values, targets, places, metas)
+        for floor in floors:
+            check_name(floor.signal_type, "a floor's signal_type", optional=False)
+            check_name(floor.region, "a floor's region", optional=True)
+            if not math.isfinite(floor.at_least):
+                raise InvalidSignalError(
+                    f"a floor's at_least must be a finite number, got {floor.at_least!r}"
+                )
+        batch = DepositBatch(agents, types, values, targets, places, metas, tuple(floors))
         count = await (await self._ready()).deposit_many(batch)
-        if self._listeners:
+        if count and self._listeners:
             self._changed(frozenset(p for p in places if p is not None))
         return count
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from stigmergy.backends.protocol import PressureFloor
 from stigmergy.decay import ExponentialDecay, LinearDecay, StepDecay
 from stigmergy.errors import InvalidSignalError
 from stigmergy.field import PheromoneField
@@ -147,6 +148,31 @@ class FieldConformance:
         assert close(await field.read_pressure("b"), 0.5)
         assert close(await field.read_pressure(region="r"), -0.25)
         assert {s.agent_id: s.metadata for s in await field.read()}["a"] == {"i": 1}
+
+    async def test_a_guarded_batch_is_stored_only_while_its_floors_hold(self, harness: FieldHarness) -> None:
+        """Taking a share of a window: spend only if what is spent stays above the floor."""
+        field = harness.field
+
+        async def spend(amount: float, at_least: float, region: str | None = "key") -> int:
+            floors = [PressureFloor("spend", region, at_least)]
+            return await field.deposit_many(
+                "gate", ["spend", "mark"], [-amount, 0.5], regions="key", floors=floors
+            )
+
+        assert await spend(0.5, -0.6) == 2  # nothing spent yet: 0 >= -0.6
+        assert close(await field.read_pressure(signal_types=["spend"], region="key"), -0.5)
+        assert await spend(0.5, -0.4) == 0  # -0.5 < -0.4: refused, nothing stored, the mark neither
+        assert close(await field.read_pressure(signal_types=["spend"], region="key"), -0.5)
+        assert close(await field.read_pressure(signal_types=["mark"]), 0.5)
+        await field.deposit("other", "spend", -0.3, target_agent_id="x", region="elsewhere")
+        assert await spend(0.1, -0.7, region=None) == 0  # every region, targeted too: -0.8 < -0.7
+        assert await spend(0.1, -0.5) == 2  # the floor's own region only: -0.5 >= -0.5
+        await harness.advance(HALF_LIFE)  # the spends decay, so the room comes back
+        assert await spend(0.1, -0.4) == 2
+        with pytest.raises(InvalidSignalError, match="at_least"):
+            await field.deposit_many("gate", "spend", -0.1, floors=[PressureFloor("spend", None, math.nan)])
+        with pytest.raises(InvalidSignalError, match="a floor's signal_type"):
+            await field.deposit_many("gate", "spend", -0.1, floors=[PressureFloor("", None, 0.0)])
 
     # -- decay --------------------------------------------------------------------------
 
