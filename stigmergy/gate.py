@@ -510,7 +510,13 @@ class Gate:
         channel.notify()
 
     async def _learn_limits(self, route: Route, channel: _Channel, info: RateLimitInfo, wall: float) -> None:
-        """Adopt the upstream's limits, and top the windows up to what it says is used."""
+        """Adopt the upstream's limits, and bring the windows to what it says is used.
+
+        A window reads fuller than the upstream's bucket after spends spread over time (it
+        decays in proportion to its fill, a bucket refills at a constant rate), so a request
+        window is also refunded down to the upstream's count plus every request we have in
+        flight, which the upstream may not have counted yet: never below what it could hold.
+        """
         for quota in info.quotas:
             dim = quota.dimension
             if quota.limit is not None and quota.limit > 0:
@@ -524,6 +530,12 @@ class Gate:
                 await self.field.deposit(
                     GATE_AGENT, spend_type(dim), -(upstream_fill - ours), region=route.region
                 )
+            elif dim in ("rpm", "rpd"):
+                could_hold = min(1.0, upstream_fill + channel.in_flight / limit)
+                if ours > could_hold + 1e-9:
+                    await self.field.deposit(
+                        GATE_AGENT, spend_type(dim), ours - could_hold, region=route.region
+                    )
             if quota.remaining <= 0 and quota.reset_at is not None and dim in ("rpd", "tpd"):
                 await self.hold(route, quota.reset_at - wall)  # a day's quota does not trickle back
         channel.notify()
