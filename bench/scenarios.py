@@ -69,14 +69,13 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import httpx
 
 from stigmergy.budgets import TokenBudgets
@@ -401,7 +400,8 @@ class ScenarioResult:
 
 # --- running ------------------------------------------------------------------------------
 
-ProxyFactory = Callable[[str], AbstractContextManager[str]]
+#: Upstream URL -> an async context manager that serves a proxy in front of it and yields its base URL.
+ProxyFactory = Callable[[str], AbstractAsyncContextManager[str]]
 
 
 def _payload(agent: int, step: int, stream: bool) -> dict[str, Any]:
@@ -425,16 +425,6 @@ async def _attempt(
     return response
 
 
-@contextlib.asynccontextmanager
-async def _entered_in_thread(manager: AbstractContextManager[str]) -> AsyncIterator[str]:
-    """A blocking context manager (one that starts a process, say) entered off the event loop."""
-    value = await anyio.to_thread.run_sync(manager.__enter__)
-    try:
-        yield value
-    finally:
-        await anyio.to_thread.run_sync(manager.__exit__, None, None, None)
-
-
 def agent_budget(scenario: Scenario) -> float:
     """Four times the tokens an agent's calls reserve (the gate's estimate: JSON characters / 4 + cap)."""
     messages = _payload(0, 0, False)["messages"]
@@ -454,9 +444,10 @@ async def run_scenario(
     """Run ``scenario`` once in ``mode`` and measure it.
 
     ``disable`` names primitives of :data:`ABLATION` to switch off (transport mode).
-    ``external_proxy(upstream_url)`` is a context manager yielding the base URL of a proxy
-    it started in front of ``upstream_url`` (entered in a thread); with it, ``mode`` must
-    be ``proxy`` and ``speed`` 1, since a foreign proxy runs on real time. ``label``
+    ``external_proxy(upstream_url)`` is an async context manager yielding the base URL of
+    a proxy it started in front of ``upstream_url`` (``bench/peers.py``'s
+    ``functools.partial(hivemind_proxy, rpm=scenario.rpm, max_concurrency=...)``); with
+    it, ``mode`` must be ``proxy`` and ``speed`` 1, since a foreign proxy runs on real time. ``label``
     replaces the mode in the result (say ``"hivemind"``): tables judge targets only for
     results labelled ``transport`` or ``proxy``.
     """
@@ -487,7 +478,7 @@ async def run_scenario(
                 disable=gate_off,
             )
         elif mode == "proxy" and external_proxy is not None:
-            base = await stack.enter_async_context(_entered_in_thread(external_proxy(upstream)))
+            base = await stack.enter_async_context(external_proxy(upstream))
         elif mode == "proxy":
             config = ProxyConfig(
                 upstream,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
@@ -112,8 +112,8 @@ async def test_retries_off_in_the_ablation_lets_resets_through() -> None:
 async def test_an_external_proxy_is_entered_in_real_time() -> None:
     entered: list[str] = []
 
-    @contextlib.contextmanager
-    def passthrough(upstream: str) -> Iterator[str]:
+    @contextlib.asynccontextmanager
+    async def passthrough(upstream: str) -> AsyncIterator[str]:
         entered.append(upstream)
         yield upstream  # no proxy at all: the clients reach the mock directly
 
