@@ -153,3 +153,20 @@ def test_the_readme_section_is_rewritten_between_its_markers(tmp_path: Path) -> 
     readme.write_text("no markers")
     with pytest.raises(ConfigurationError, match="results:begin"):
         bench.update_readme(section, readme)
+
+
+def test_plots_and_tables_from_results(tmp_path: Path) -> None:
+    scenario = bench.Scenario("t", "tiny", agents=1, calls=1, rpm=1)  # one call in 1 s: all the limit allowed
+    calls = [bench.CallRecord(0, 0, 0.0, 1.0, True)]
+    metrics = bench.measure(scenario, calls, [bench.Attempt("0/0", 0.0, 200, True)], 0.0)
+    samples = [(0.0, 1, 1, 0, 0, 0.0), (1.0, 0, 0, 1, 0, 0.02)]
+    results = [
+        bench.ScenarioResult("t", mode, 1, 20.0, [], metrics, 0.1, samples)
+        for mode in ("sdk-retries", "proxy")
+    ]
+    paths = bench.plot(results, {"t": "tiny"}, tmp_path)
+    assert [p.name for p in paths] == ["scenario-t.png", "metrics.png"] and all(
+        p.stat().st_size for p in paths
+    )
+    table = bench.results_table(results, {"t": "tiny"}).splitlines()
+    assert table[2].endswith("|  |") and table[3].endswith("| PASS |")  # targets judged for stigmergy only
