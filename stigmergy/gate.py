@@ -259,6 +259,7 @@ class Gate:
             for name, strategy in gate_strategies().items():
                 field.policy.by_type.setdefault(name, strategy)
         self.field = field
+        self._own_field = isinstance(field.backend, InMemoryFieldBackend)
         self.disabled = frozenset(disable)
         self.threshold = threshold
         self.aging_rate = 0.0 if "aging" in self.disabled else aging_rate
@@ -516,6 +517,8 @@ class Gate:
         decays in proportion to its fill, a bucket refills at a constant rate), so a request
         window is also refunded down to the upstream's count plus every request we have in
         flight, which the upstream may not have counted yet: never below what it could hold.
+        Only on an in-memory field: on a shared one (Redis) other processes' requests in
+        flight are unknown here, and two proxies refunding alike would both admit too many.
         """
         for quota in info.quotas:
             dim = quota.dimension
@@ -530,7 +533,7 @@ class Gate:
                 await self.field.deposit(
                     GATE_AGENT, spend_type(dim), -(upstream_fill - ours), region=route.region
                 )
-            elif dim in ("rpm", "rpd"):
+            elif self._own_field and dim in ("rpm", "rpd"):
                 could_hold = min(1.0, upstream_fill + channel.in_flight / limit)
                 if ours > could_hold + 1e-9:
                     await self.field.deposit(
