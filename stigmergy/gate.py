@@ -8,7 +8,8 @@ Everything the upstream says lands in the field at the request's channel (region
   window as mean lifetime. Their sum is how full the window is; it never reads
   lower than a token bucket of the same size would, and the moment it falls low
   enough for the next request is known in closed form. The rate-limit headers
-  top it up when the upstream counts more than we did (other clients on the key).
+  top it up when the upstream counts more than we did (other clients on the key), and
+  on an in-memory field lower a request window to its count plus our requests in flight.
 - ``hold``: a deadline (429 retry-after, an empty window until its reset, a 529's
   back-off, a 5xx's short pause), as a linear decay that evaporates exactly then.
 - ``latency`` (time to first token over the target), ``success`` and ``error``:
