@@ -41,14 +41,15 @@ Each run is a fresh process: the script starts itself again as a worker
 
 ``--peer`` also runs stigmergy-scheduler 0.2.0, the package ours replaces, in the same
 run: it is installed once into its own venv (``--peer-venv``, default
-``~/.cache/stigmergy-bench/peer-venv``, reused when present) and its workers run with that
-venv's interpreter in isolated mode (``python -I``: no PYTHONPATH, no script directory
-on ``sys.path``) from outside the repo, since both packages import as ``stigmergy``.
-Each worker reports which file it imported. The peer ticks once per ``tick_interval``
-(1 s) and scans every task each tick, so its chain and wide workloads run on ``--peer-n``
-tasks (default 200; ours is then run on that n too, for the ratios) and every peer
-workload is cut off after ``--peer-timeout`` seconds: a cut-off run reports how many
-tasks completed, and its ratios are lower bounds (">=").
+``~/.cache/stigmergy-bench/stigmergy-scheduler-0.2.0``, reused when present; see
+``bench/peers.py``) and its workers run with that venv's interpreter in isolated mode
+(``python -I``: no PYTHONPATH, no script directory on ``sys.path``) from outside the repo,
+since both packages import as ``stigmergy``. Each worker reports which file it imported.
+The peer ticks once per ``tick_interval`` (1 s) and scans every task each tick, so its
+chain and wide workloads run on ``--peer-n`` tasks (default 200; ours is then run on that
+n too, for the ratios) and every peer workload is cut off after ``--peer-timeout``
+seconds: a cut-off run reports how many tasks completed, and its ratios are lower bounds
+(">=").
 """
 
 from __future__ import annotations
@@ -298,35 +299,6 @@ async def bounded(run: Callable[[], Awaitable[Any]], seconds: float, backend: st
 
 
 # -- the driver ----------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stigmergy-bench"
-
-
-def peer_python(venv: Path) -> Path:
-    """The peer venv's interpreter, creating the venv and installing the peer package if needed."""
-    python = venv / "bin" / "python"
-    if python.exists():
-        probe = subprocess.run(
-            [str(python), "-I", "-c", f"import importlib.metadata as m; print(m.version({PEER_PACKAGE!r}))"],
-            capture_output=True,
-            text=True,
-            cwd=venv.parent,
-        )
-        if probe.returncode == 0 and probe.stdout.strip() == PEER_VERSION:
-            return python
-    else:
-        log(f"creating {venv}")
-        venv.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log(f"installing {PEER_PACKAGE}=={PEER_VERSION} into {venv}")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"{PEER_PACKAGE}=={PEER_VERSION}"],
-        check=True,
-        cwd=venv.parent,
-    )
-    return python
 
 
 def log(message: str) -> None:
@@ -580,7 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--peer-timeout", type=float, default=60.0, help="seconds each peer workload may take"
     )
-    parser.add_argument("--peer-venv", type=Path, default=cache_dir() / "peer-venv")
+    parser.add_argument(
+        "--peer-venv", type=Path, help=f"default ~/.cache/stigmergy-bench/{PEER_PACKAGE}-{PEER_VERSION}"
+    )
     parser.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -608,7 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer: dict[str, dict[str, Any]] = {}
     python: Path | None = None
     if args.peer:
-        python = peer_python(args.peer_venv)
+        # imported here: the peer's workers run this file with no bench/ on sys.path
+        from peers import peer_venv
+
+        python = peer_venv(PEER_PACKAGE, PEER_VERSION, args.peer_venv)
         for name in names:
             if name in SCALED and peer_n != n:
                 w = replace(WORKLOADS[name], n=peer_n)

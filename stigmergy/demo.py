@@ -31,8 +31,8 @@ from stigmergy.errors import ConfigurationError
 from stigmergy.gate import Gate
 from stigmergy.integrations.httpx_transport import StigmergyTransport
 from stigmergy.mock_api import MockConfig, MockLLMAPI
+from stigmergy.sdk_retry import sdk_call
 
-RETRYABLE = frozenset({408, 409, 429})
 PATH = "/v1/chat/completions"
 
 
@@ -94,39 +94,6 @@ class Sample:
 def _payload(agent: int, call: int) -> dict[str, Any]:
     question = f"agent {agent}, step {call}: summarise the findings so far. " * 4
     return {"model": "mock-model", "max_tokens": 32, "messages": [{"role": "user", "content": question}]}
-
-
-def _sdk_delay(response: httpx.Response | None, attempt: int, rng: random.Random) -> float:
-    """The openai/anthropic SDKs' wait before retry ``attempt`` (0-based)."""
-    if response is not None:
-        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-            try:
-                delay = float(response.headers.get(name, "")) * scale
-            except ValueError:
-                continue
-            if 0 < delay <= 60:
-                return delay
-    return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * rng.random())
-
-
-async def _sdk_call(
-    client: httpx.AsyncClient, payload: dict[str, Any], clock: AcceleratedClock, rng: random.Random
-) -> bool:
-    for attempt in range(3):
-        response: httpx.Response | None = None
-        try:
-            response = await client.post(PATH, json=payload)
-        except httpx.TransportError:
-            pass
-        else:
-            if response.status_code < 400:
-                return True
-            if response.status_code not in RETRYABLE and response.status_code < 500:
-                return False
-        if attempt == 2:
-            return False
-        await clock.sleep(_sdk_delay(response, attempt, rng))
-    return False
 
 
 async def _run(
@@ -209,7 +176,8 @@ async def run_both(
         clients["direct"] = httpx.AsyncClient(transport=httpx.ASGITransport(app=mock), base_url="http://mock")
 
     async def call_direct(n: int, step: int, clock: AcceleratedClock, mock: MockLLMAPI) -> bool:
-        return await _sdk_call(clients["direct"], _payload(n, step), clock, rng)
+        payload = _payload(n, step)
+        return await sdk_call(lambda: clients["direct"].post(PATH, json=payload), clock.sleep, rng)
 
     gates: dict[str, Gate] = {}
 

@@ -8,7 +8,8 @@ Everything the upstream says lands in the field at the request's channel (region
   window as mean lifetime. Their sum is how full the window is; it never reads
   lower than a token bucket of the same size would, and the moment it falls low
   enough for the next request is known in closed form. The rate-limit headers
-  top it up when the upstream counts more than we did (other clients on the key).
+  top it up when the upstream counts more than we did (other clients on the key), and
+  on an in-memory field lower a request window to its count plus our requests in flight.
 - ``hold``: a deadline (429 retry-after, an empty window until its reset, a 529's
   back-off, a 5xx's short pause), as a linear decay that evaporates exactly then.
 - ``latency`` (time to first token over the target), ``success`` and ``error``:
@@ -29,7 +30,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,19 @@ HOLD = "hold"
 HOLD_RATE = 1.0 / 60.0  # a hold loses 1/60 of intensity per second: one signal holds up to ~59 s
 SOFT = ("latency", "success", "error")
 GATE_AGENT = "stigmergy.gate"
+#: What ``Gate(disable=...)`` can switch off, one primitive at a time, to measure what each
+#: contributes (``bench/scenarios.py --ablation``). Retries live in the transport and the
+#: proxy (``max_retries=0``).
+PRIMITIVES: dict[str, str] = {
+    "rate_limits": "rate-limit windows: no limits learned from headers or given, no spends",
+    "backoff": "holds after 429, 529/503 overloads, 5xx and connection errors",
+    "latency": "soft pressure: latency, success and error signals",
+    "occupancy": "the max_in_flight cap",
+    "budgets": "token budgets: no reservations, no refusals",
+    "aging": "waiting adds no pressure; a waiter under the threshold re-checks every second",
+}
+#: Gate seconds between re-checks of a waiter that only decaying soft pressure can let through.
+RECHECK = 1.0
 
 
 def spend_type(dimension: str) -> str:
@@ -193,7 +207,9 @@ class Gate:
 
     ``limits`` gives per-dimension limits for upstreams that send no headers (e.g.
     ``{"rpm": 50}``); headers override them. ``max_in_flight`` and ``max_wait``
-    (seconds, then :class:`AdmissionTimeoutError`) are hard caps.
+    (seconds, then :class:`AdmissionTimeoutError`) are hard caps. ``disable`` switches
+    primitives off by name (see :data:`PRIMITIVES`), for ablation studies only: each one
+    is part of why no request fails.
     """
 
     def __init__(
@@ -209,7 +225,13 @@ class Gate:
         budgets: TokenBudgets | None = None,
         clock: Clock | None = None,
         wall_clock: Callable[[], float] | None = None,
+        disable: Collection[str] = (),
     ) -> None:
+        unknown = sorted(set(disable) - PRIMITIVES.keys())
+        if unknown or isinstance(disable, str):
+            raise ConfigurationError(
+                f"disable={disable!r}: give a collection of names from {', '.join(PRIMITIVES)}"
+            )
         if not aging_rate > 0:
             raise ConfigurationError(
                 f"aging_rate must be > 0 so that no request waits forever, got {aging_rate!r}"
@@ -240,13 +262,15 @@ class Gate:
             for name, strategy in gate_strategies().items():
                 field.policy.by_type.setdefault(name, strategy)
         self.field = field
+        self._own_field = isinstance(field.backend, InMemoryFieldBackend)
+        self.disabled = frozenset(disable)
         self.threshold = threshold
-        self.aging_rate = aging_rate
-        self.max_in_flight = max_in_flight
+        self.aging_rate = 0.0 if "aging" in self.disabled else aging_rate
+        self.max_in_flight = None if "occupancy" in self.disabled else max_in_flight
         self.max_wait = max_wait
         self.latency_target = latency_target
-        self.budgets = budgets
-        self._default_limits = dict(limits or {})
+        self.budgets = None if "budgets" in self.disabled else budgets
+        self._default_limits = {} if "rate_limits" in self.disabled else dict(limits or {})
         self._channels: dict[Route, _Channel] = {}
         self._seq = itertools.count()
 
@@ -371,7 +395,8 @@ class Gate:
             if fill > room + 1e-9:
                 waits.append(WINDOWS[dim] * math.log(fill / room))  # fill decays as exp(-t / window)
         pressure = ticket.priority + self.aging_rate * (now - ticket.arrived) + reading.soft
-        waits.append((self.threshold - pressure) / self.aging_rate)
+        if pressure < self.threshold:
+            waits.append((self.threshold - pressure) / self.aging_rate if self.aging_rate else RECHECK)
         return max(0.0, *waits)
 
     async def _spend(self, route: Route, channel: _Channel, cost: Cost) -> None:
@@ -425,20 +450,21 @@ class Gate:
         """Deposit what one response's status and headers say: limits and remaining, holds, errors."""
         channel = self._channel(route)
         wall = self._wall()
-        await self._learn_limits(route, channel, info, wall)
+        if "rate_limits" not in self.disabled:
+            await self._learn_limits(route, channel, info, wall)
         if info.outcome == "ok":
             channel.failures = 0
         elif info.outcome in ("daily_quota", "fatal") and info.status in (402, 429):
             until = info.retry_at or max((q.reset_at or 0.0 for q in info.quotas), default=0.0) or None
             why = info.reason or f"upstream answered {info.status}"
             channel.exhausted = (until if until is not None else math.inf, why)
-        elif info.outcome == "quota":
+        elif info.outcome == "quota" and "backoff" not in self.disabled:
             until = info.retry_at or min(
                 (q.reset_at for q in info.quotas if q.remaining == 0 and q.reset_at), default=None
             )
             await self.hold(route, (until - wall) if until else 1.0 * 2**channel.failures)
             channel.failures += 1
-        elif info.outcome == "overloaded":
+        elif info.outcome == "overloaded" and "backoff" not in self.disabled:
             backoff = (info.retry_at - wall) if info.retry_at else min(30.0, 1.0 * 2**channel.failures)
             channel.failures += 1
             await self.hold(route, backoff, whole_upstream=True)
@@ -460,11 +486,12 @@ class Gate:
                 [max(-1.0, min(1.0, c)) for c in corrections],
                 regions=ticket.route.region,
             )
-        if ttft is not None and ttft > self.latency_target:
-            strain = min(1.0, 0.5 * (ttft / self.latency_target - 1.0))
-            await self.field.deposit(GATE_AGENT, "latency", -strain, region=ticket.route.region)
-        else:
-            await self.field.deposit(GATE_AGENT, "success", 0.05, region=ticket.route.region)
+        if "latency" not in self.disabled:
+            if ttft is not None and ttft > self.latency_target:
+                strain = min(1.0, 0.5 * (ttft / self.latency_target - 1.0))
+                await self.field.deposit(GATE_AGENT, "latency", -strain, region=ticket.route.region)
+            else:
+                await self.field.deposit(GATE_AGENT, "success", 0.05, region=ticket.route.region)
         self.release(ticket, spent_tokens=input_tokens + output_tokens)
 
     async def report_error(self, route: Route) -> None:
@@ -472,8 +499,10 @@ class Gate:
         channel = self._channel(route)
         pause = min(5.0, 0.25 * 2**channel.failures)
         channel.failures += 1
-        await self.field.deposit(GATE_AGENT, "error", -0.3, region=route.region)
-        await self.hold(route, pause)
+        if "latency" not in self.disabled:
+            await self.field.deposit(GATE_AGENT, "error", -0.3, region=route.region)
+        if "backoff" not in self.disabled:
+            await self.hold(route, pause)
 
     async def hold(self, route: Route, seconds: float, *, whole_upstream: bool = False) -> None:
         """Admit nothing on ``route`` (or its whole upstream) for ``seconds``."""
@@ -488,7 +517,15 @@ class Gate:
         channel.notify()
 
     async def _learn_limits(self, route: Route, channel: _Channel, info: RateLimitInfo, wall: float) -> None:
-        """Adopt the upstream's limits, and top the windows up to what it says is used."""
+        """Adopt the upstream's limits, and bring the windows to what it says is used.
+
+        A window reads fuller than the upstream's bucket after spends spread over time (it
+        decays in proportion to its fill, a bucket refills at a constant rate), so a request
+        window is also refunded down to the upstream's count plus every request we have in
+        flight, which the upstream may not have counted yet: never below what it could hold.
+        Only on an in-memory field: on a shared one (Redis) other processes' requests in
+        flight are unknown here, and two proxies refunding alike would both admit too many.
+        """
         for quota in info.quotas:
             dim = quota.dimension
             if quota.limit is not None and quota.limit > 0:
@@ -502,6 +539,12 @@ class Gate:
                 await self.field.deposit(
                     GATE_AGENT, spend_type(dim), -(upstream_fill - ours), region=route.region
                 )
+            elif self._own_field and dim in ("rpm", "rpd"):
+                could_hold = min(1.0, upstream_fill + channel.in_flight / limit)
+                if ours > could_hold + 1e-9:
+                    await self.field.deposit(
+                        GATE_AGENT, spend_type(dim), ours - could_hold, region=route.region
+                    )
             if quota.remaining <= 0 and quota.reset_at is not None and dim in ("rpd", "tpd"):
                 await self.hold(route, quota.reset_at - wall)  # a day's quota does not trickle back
         channel.notify()

@@ -284,3 +284,18 @@ def test_cost_per_dimension() -> None:
     cost = Cost(100, 50)
     assert [cost.of(d) for d in ("rpm", "rpd", "tpm", "itpm", "otpm")] == [1, 1, 150, 100, 50]
     assert math.isclose(Cost().of("tpm"), 0)
+
+
+async def test_headers_refund_a_request_window_down_to_the_upstreams_count_plus_our_in_flight() -> None:
+    """A window decays slower than a bucket refills while it is not full; the upstream's count wins,
+    but never below what it could hold once the requests we have in flight reach it."""
+    clock = ManualClock()
+    gate = gate_at(clock, limits={"rpm": 60, "tpm": 1000})
+    tickets = [await gate.acquire("a", ROUTE, cost=Cost(10, 10)) for _ in range(30)]
+    for ticket in tickets[2:]:
+        gate.release(ticket)  # two stay in flight
+    assert (await gate.read(ROUTE)).fill["rpm"] == pytest.approx(0.5)
+    await gate.observe(ROUTE, info(200, "ok", Quota("rpm", 60, 50, None), Quota("tpm", 1000, 1000, None)))
+    fill = (await gate.read(ROUTE)).fill
+    assert fill["rpm"] == pytest.approx((10 + 2) / 60)  # its count, plus our two in flight
+    assert fill["tpm"] == pytest.approx(0.6)  # token windows stay conservative
