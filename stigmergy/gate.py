@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 
 from stigmergy.backends.memory import InMemoryFieldBackend
-from stigmergy.backends.protocol import FieldBackend
+from stigmergy.backends.protocol import FieldBackend, PressureFloor
 from stigmergy.budgets import Reservation, TokenBudgets
 from stigmergy.clock import AcceleratedClock, Clock, ManualClock, monotonic_clock
 from stigmergy.decay import ExponentialDecay, LinearDecay
@@ -69,6 +69,12 @@ PRIMITIVES: dict[str, str] = {
 }
 #: Gate seconds between re-checks of a waiter that only decaying soft pressure can let through.
 RECHECK = 1.0
+
+
+def _room(share: float) -> float:
+    """How full a window may be for a request taking ``share`` of it to go; one bigger than
+    the window waits for it to empty."""
+    return 1.0 - share if share < 0.99 else 0.01
 
 
 def spend_type(dimension: str) -> str:
@@ -375,13 +381,14 @@ class Gate:
             wait = self._wait_for(route, channel, reading, ticket)
             if wait > 0:
                 return wait
+            if not await self._spend(route, channel, ticket.cost):
+                continue  # another process sharing the field took the room first: read again
             heapq.heappop(channel.waiters)
             channel.in_flight += 1
             channel.admissions += 1
             ticket.pressure = (
                 ticket.priority + self.aging_rate * (self._clock() - ticket.arrived) + reading.soft
             )
-            await self._spend(route, channel, ticket.cost)
             ticket.admitted.set()
         return None
 
@@ -391,7 +398,7 @@ class Gate:
         waits = [reading.hold, channel.hold_until - now]
         for dim, fill in reading.fill.items():
             share = ticket.cost.of(dim) / channel.limits[dim]
-            room = 1.0 - share if share < 0.99 else 0.01  # one bigger than the window waits for it to empty
+            room = _room(share)
             if fill > room + 1e-9:
                 waits.append(WINDOWS[dim] * math.log(fill / room))  # fill decays as exp(-t / window)
         pressure = ticket.priority + self.aging_rate * (now - ticket.arrived) + reading.soft
@@ -399,15 +406,32 @@ class Gate:
             waits.append((self.threshold - pressure) / self.aging_rate if self.aging_rate else RECHECK)
         return max(0.0, *waits)
 
-    async def _spend(self, route: Route, channel: _Channel, cost: Cost) -> None:
+    async def _spend(self, route: Route, channel: _Channel, cost: Cost) -> bool:
+        """Take the request's share of each window; False if, on a shared field, one no longer fits.
+
+        Reading and spending are two steps, so two processes could both see the last room in a
+        window: on a shared field the spend carries floors and is refused in Redis then.
+        """
         dims = [d for d in channel.limits if cost.of(d) > 0]
-        if dims:
-            await self.field.deposit_many(
-                GATE_AGENT,
-                [spend_type(d) for d in dims],
-                [-min(1.0, cost.of(d) / channel.limits[d]) for d in dims],
-                regions=route.region,
-            )
+        if not dims:
+            return True
+        shares = [min(1.0, cost.of(d) / channel.limits[d]) for d in dims]
+        floors = (
+            []
+            if self._own_field
+            else [
+                PressureFloor(spend_type(d), route.region, -(_room(share) + 1e-9))
+                for d, share in zip(dims, shares, strict=True)
+            ]
+        )
+        spent = await self.field.deposit_many(
+            GATE_AGENT,
+            [spend_type(d) for d in dims],
+            [-s for s in shares],
+            regions=route.region,
+            floors=floors,
+        )
+        return spent > 0
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import uuid
 from collections.abc import Callable
 
 import anyio
@@ -299,3 +300,31 @@ async def test_headers_refund_a_request_window_down_to_the_upstreams_count_plus_
     fill = (await gate.read(ROUTE)).fill
     assert fill["rpm"] == pytest.approx((10 + 2) / 60)  # its count, plus our two in flight
     assert fill["tpm"] == pytest.approx(0.6)  # token windows stay conservative
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_gates_sharing_a_redis_field_never_both_take_the_last_room(redis_url: str) -> None:
+    """Two processes' gates read the same empty window at the same moment; both would admit. The
+    spend is guarded in Redis, so exactly one takes the one request a 1 RPM window holds."""
+    from redis.asyncio import Redis
+
+    from stigmergy.backends.redis_backend import RedisFieldBackend
+    from stigmergy.gate import gate_field
+
+    client, prefix = Redis.from_url(redis_url), f"gates-{uuid.uuid4().hex}"
+    gates = [
+        Gate(gate_field(RedisFieldBackend(client, prefix)), limits={"rpm": 1}, aging_rate=10.0)
+        for _ in range(2)
+    ]
+    route, admitted = Route("https://api.example.com", "k"), []
+
+    async def ask(gate: Gate) -> None:
+        admitted.append(await gate.acquire("agent", route, priority=1.0))
+
+    async with anyio.create_task_group() as tg:
+        for gate in gates:
+            tg.start_soon(ask, gate)
+        await anyio.sleep(1.0)  # the other waits for the window: about a minute
+        tg.cancel_scope.cancel()
+    assert len(admitted) == 1
+    await client.aclose()
