@@ -32,7 +32,9 @@ async def main(url: str, name: str, worker: str, n: int, seconds: float) -> None
 
     async def dispatch(agent_id: str, task: TaskSpec) -> DispatchResult:
         await client.rpush(runs, f"{task.id}|{worker}")
+        await client.incr(f"{name}:busy:{worker}")  # how many attempts this worker is in
         await asyncio.sleep(seconds)
+        await client.decr(f"{name}:busy:{worker}")
         return DispatchResult(True, output=task.id)
 
     scheduler.set_dispatcher(dispatch)

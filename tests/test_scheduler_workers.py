@@ -170,10 +170,11 @@ def test_four_processes_one_killed_mid_run_every_task_completes(redis_url: str, 
     runs_key = f"{ledger_name}:runs"
     deadline = time.monotonic() + 60
     try:
-        while client.llen(runs_key) < n // 4:
+        # A quarter done, and w0 mid-attempt (its attempts take 50 ms; this polls every 1 ms).
+        while client.llen(runs_key) < n // 4 or int(client.get(f"{ledger_name}:busy:w0") or 0) < 1:
             assert time.monotonic() < deadline, "the workers made no progress"
             assert procs[0].poll() is None, procs[0].communicate()[1]
-            time.sleep(0.01)
+            time.sleep(0.001)
         procs[0].send_signal(signal.SIGKILL)
         reports = []
         for proc in procs[1:]:
