@@ -212,11 +212,13 @@ def hivemind_command(
     return command
 
 
-def stigmergy_command(upstream_url: str, *, rpm: int | None = None, tpm: int | None = None) -> list[str]:
+def stigmergy_command(
+    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None, max_concurrency: int | None = None
+) -> list[str]:
     """``stigmergy proxy`` (ours, this interpreter's) on a free port of 127.0.0.1."""
     command = [sys.executable, "-m", "stigmergy.cli", "proxy", "--upstream", upstream_url]
     command += ["--port", "0", "--log-level", "warning"]
-    for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
+    for flag, value in (("--rpm", rpm), ("--tpm", tpm), ("--max-in-flight", max_concurrency)):
         if value is not None:
             command += [flag, str(value)]
     return command
@@ -316,15 +318,16 @@ async def hivemind_proxy(
 
 @contextlib.asynccontextmanager
 async def stigmergy_proxy(
-    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None
+    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None, max_concurrency: int | None = None
 ) -> AsyncIterator[str]:
-    """Ours, ``stigmergy proxy`` with its defaults plus ``--rpm``/``--tpm``, run as :func:`hivemind_proxy` is.
+    """Ours, ``stigmergy proxy`` with its defaults plus ``--rpm``/``--tpm``/``--max-in-flight``
+    (``max_concurrency``), run as :func:`hivemind_proxy` is.
 
     Yields the base URL (OpenAI clients: ``base_url + "/v1"``). Ours uses the limits
     only until the upstream's rate-limit headers say otherwise.
     """
     with tempfile.TemporaryDirectory(prefix="stigmergy-proxy-") as tmp:
-        command = stigmergy_command(upstream_url, rpm=rpm, tpm=tpm)
+        command = stigmergy_command(upstream_url, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
         async with serve_process(command, STIGMERGY_URL, "/_stigmergy/health", Path(tmp)) as url:
             yield url
 
