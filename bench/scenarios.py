@@ -25,7 +25,11 @@ scenario has one, and per-agent token budgets of four times what each agent need
 Metrics (per run in the JSON; tables show medians over ``--repeats`` seeds). Times are
 seconds on the shared clock; a call is *asked* when its agent starts it.
 
-- failure rate: calls that failed client-side / calls asked (dead agents ask no more).
+- failure rate: calls that failed client-side / calls asked (dead agents ask no more). A
+  call fails client-side on an error status, a transport error, or a 200 whose body is
+  not the whole reply the mock serves (*broken*: a stream cut short or carrying an error,
+  as a proxy that has already sent its 200 must answer; an SDK would raise reading it,
+  without retrying). The mock itself never sends one: it resets before its status line.
 - agents dead: agents with a failed call.
 - upstream 429s: what the mock answered 429 (from its own counters).
 - wasted tokens: tokens the upstream charged for attempts whose answer never reached
@@ -86,7 +90,7 @@ from stigmergy.integrations.httpx_transport import StigmergyTransport
 from stigmergy.integrations.proxy import ProxyApp
 from stigmergy.integrations.proxy_config import ProxyConfig
 from stigmergy.integrations.proxy_server import serve_asgi
-from stigmergy.mock_api import MockConfig, MockLLMAPI, count_input_tokens, serve_mock
+from stigmergy.mock_api import MockConfig, MockLLMAPI, count_input_tokens, reply_words, serve_mock
 from stigmergy.sdk_retry import DEFAULT_RETRIES, sdk_call
 
 MODES = ("no-retry", "sdk-retries", "transport", "proxy")
@@ -97,6 +101,8 @@ CALL_HEADER = "x-bench-call"  # "agent/step": lets the mock's log tie attempts t
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 OUTPUT_TOKENS = 8
 MAX_TOKENS = 32
+#: What every call's reply says, whole: the mock's text is the same for every call.
+EXPECTED_TEXT = "".join(reply_words(min(MAX_TOKENS, OUTPUT_TOKENS)))
 TOKEN_DELAY = 0.0  # tokens come at once: a sleep per token would overshoot ~1 ms each, x speed
 FAIR_SHARE = 2.0
 SAMPLE_EVERY = 1.0  # seconds on the shared clock
@@ -197,6 +203,7 @@ class CallRecord:
     asked: float
     done: float | None = None
     ok: bool = False
+    broken: bool = False  # failed on a 200 whose body was not the whole reply
 
     @property
     def ident(self) -> str:
@@ -262,6 +269,7 @@ class Metrics:
     completed: int
     failed: int
     failure_rate: float
+    broken: int
     agents_dead: int
     attempts: int
     upstream_429s: int
@@ -349,6 +357,7 @@ def measure(scenario: Scenario, calls: Sequence[CallRecord], log: Sequence[Attem
         completed=completed,
         failed=failed,
         failure_rate=failed / len(calls) if calls else 0.0,
+        broken=sum(1 for c in calls if c.broken),
         agents_dead=len({c.agent for c in calls if not c.ok}),
         attempts=len(log),
         upstream_429s=statuses.count(429),
@@ -416,12 +425,42 @@ def _payload(agent: int, step: int, stream: bool) -> dict[str, Any]:
     return body
 
 
+class BrokenReply(Exception):
+    """A 200 whose body is not the whole reply: not retried, as an SDK's parse error is not."""
+
+
+def reply_text(shape: str, stream: bool, body: bytes) -> str | None:
+    """The model's text in a reply body (``shape`` openai or anthropic), or None if the body is not
+    a complete reply: a stream must run to its last event (``[DONE]``, ``message_stop``)."""
+    try:
+        if not stream:
+            data = json.loads(body)
+            if shape == "openai":
+                return str(data["choices"][0]["message"]["content"])
+            return "".join(block["text"] for block in data["content"])
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        if shape == "openai":
+            if not events or events[-1] != "[DONE]":
+                return None
+            chunks = [json.loads(e) for e in events[:-1]]
+            return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        chunks = [json.loads(e) for e in events]
+        if not chunks or chunks[-1].get("type") != "message_stop":
+            return None
+        return "".join(c["delta"]["text"] for c in chunks if c.get("type") == "content_block_delta")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 async def _attempt(
     client: httpx.AsyncClient, path: str, headers: dict[str, str], body: Any
 ) -> httpx.Response:
-    """One HTTP attempt, read to its end (a stream too)."""
+    """One HTTP attempt, read to its end (a stream too); :class:`BrokenReply` for a 200 not whole."""
     async with client.stream("POST", path, json=body, headers=headers) as response:
-        await response.aread()
+        content = await response.aread()
+    shape = "anthropic" if path == PATHS["anthropic"] else "openai"
+    if response.status_code == 200 and reply_text(shape, bool(body.get("stream")), content) != EXPECTED_TEXT:
+        raise BrokenReply(f"{path}: {content[:160]!r}")
     return response
 
 
@@ -525,6 +564,8 @@ async def run_scenario(
                     )
                 except AdmissionError:  # the gate refused (a budget, a quota): a failure too
                     record.ok = False
+                except BrokenReply:
+                    record.ok, record.broken = False, True
                 record.done = clock()
                 if not record.ok:
                     return
@@ -584,8 +625,10 @@ def results_table(results: Sequence[ScenarioResult], titles: dict[str, str]) -> 
     for (key, label), runs in _group(results).items():
         m = median_metrics([r.metrics for r in runs])
         verdict = _verdict(m) if runs[0].mode in STIGMERGY_MODES else ""
+        broken = f"; {m.broken} broken 200s" if m.broken else ""
         lines.append(
-            f"| {titles.get(key, key)} | {label} | {m.failed} ({m.failure_rate:.0%}) | {m.agents_dead} "
+            f"| {titles.get(key, key)} | {label} | {m.failed} ({m.failure_rate:.0%}{broken}) "
+            f"| {m.agents_dead} "
             f"| {m.upstream_429s} | {m.wasted_avoidable_share:.1%} / "
             f"{m.wasted_floor / max(1, m.tokens_charged):.1%} "
             f"| {m.makespan:.0f} s / {m.makespan_bound:.0f} s = x{m.makespan_ratio:.2f} "

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from stigmergy.errors import ConfigurationError
+from stigmergy.integrations.proxy_server import serve_asgi
 
 
 def load_bench() -> ModuleType:
@@ -170,3 +173,47 @@ def test_plots_and_tables_from_results(tmp_path: Path) -> None:
     )
     table = bench.results_table(results, {"t": "tiny"}).splitlines()
     assert table[2].endswith("|  |") and table[3].endswith("| PASS |")  # targets judged for stigmergy only
+
+
+async def _broken_replies(scope: Any, receive: Any, send: Any) -> None:
+    """A proxy that has sent its 200 before the upstream failed: the error inside the body."""
+    if scope["type"] != "http":
+        return
+    request = json.loads(await _read_body(receive))
+    stream = bool(request.get("stream"))
+    body = b'data: {"error": "upstream 502"}\n\n' if stream else b'{"error": "upstream 502"}'
+    kind = b"text/event-stream" if stream else b"application/json"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+@pytest.mark.anyio
+async def test_a_200_whose_body_is_not_the_whole_reply_is_a_client_visible_failure() -> None:
+    @contextlib.asynccontextmanager
+    async def broken(upstream: str) -> AsyncIterator[str]:
+        async with serve_asgi(_broken_replies) as url:
+            yield url
+
+    quick = bench.Scenario("rt", "real time", agents=3, calls=2, rpm=1000, ttft=0.01, stream_share=0.5)
+    result = await bench.run_scenario(quick, "proxy", seed=1, speed=1.0, external_proxy=broken, label="b")
+    m = result.metrics
+    assert (m.asked, m.failed, m.broken, m.agents_dead, m.completed) == (3, 3, 3, 3, 0)
+    assert "3 (100%; 3 broken 200s)" in bench.results_table([result], {})
+
+
+@pytest.mark.parametrize("body", [b"", b'{"choices": []}', b'data: {"error": "x"}\n\n'])
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_text_rejects_what_is_not_a_whole_reply(body: bytes, stream: bool) -> None:
+    assert (
+        bench.reply_text("openai", stream, body) is None
+        and bench.reply_text("anthropic", stream, body) is None
+    )
