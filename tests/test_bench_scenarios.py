@@ -6,10 +6,13 @@ checked for what happened (calls, attempts, failures), not for how long it took.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -175,6 +178,44 @@ def test_plots_and_tables_from_results(tmp_path: Path) -> None:
     assert table[2].endswith("|  |") and table[3].endswith("| PASS |")  # targets judged for stigmergy only
 
 
+# --- peers: the plumbing, without venvs, hivemind or minutes of real time -----------------------
+
+
+def _result(label: str, metrics: object) -> object:
+    return bench.ScenarioResult("t", label, 1, 1.0, [], metrics, 0.1)  # run_scenario: mode = label
+
+
+def test_the_ratio_row_divides_the_peers_medians_by_ours() -> None:
+    scenario = bench.Scenario("t", "tiny", agents=2, calls=2, rpm=2, ttft=1.0)
+    ours = bench.measure(
+        scenario, [bench.CallRecord(0, 0, 0.0, 1.0, True)], [bench.Attempt("0/0", 0.0, 200, True)], 0.0
+    )
+    ours = dataclasses.replace(
+        ours, failed=0, makespan_ratio=1.02, goodput_net=0.98, p99_wait=10.0, fair_share_max=1.1
+    )
+    peer = dataclasses.replace(
+        ours, failed=3, makespan_ratio=2.04, goodput_net=0.49, p99_wait=25.0, fair_share_max=1.1
+    )
+    assert bench.peer_ratios(peer, ours) == {
+        "failed": None,  # ours 0, the peer's not: no ratio
+        "makespan_ratio": pytest.approx(2.0),
+        "goodput_net": pytest.approx(0.5),
+        "p99_wait": pytest.approx(2.5),
+        "fair_share_max": pytest.approx(1.0),
+    }
+    assert bench.peer_ratios(ours, ours)["failed"] == 1.0  # both 0
+    results = [_result(bench.PEER, peer), _result(bench.OURS, ours)]
+    assert bench.scenario_ratios(results) == {"t": bench.peer_ratios(peer, ours)}
+    lines = bench.peers_table(results, {"t": "tiny"}).splitlines()
+    assert (
+        len(lines) == 5
+        and lines[2].startswith("| tiny | hivemind |")
+        and lines[3].startswith("| tiny | proxy |")
+    )
+    assert lines[2].endswith("|  |")  # the peer is reported, not judged against our targets
+    assert lines[4] == "| tiny | hivemind / ours | ours 0 | | | | x2.00 | x0.50 | x2.50 | x1.00 | |"
+
+
 async def _broken_replies(scope: Any, receive: Any, send: Any) -> None:
     """A proxy that has sent its 200 before the upstream failed: the error inside the body."""
     if scope["type"] != "http":
@@ -217,3 +258,55 @@ def test_reply_text_rejects_what_is_not_a_whole_reply(body: bytes, stream: bool)
         bench.reply_text("openai", stream, body) is None
         and bench.reply_text("anthropic", stream, body) is None
     )
+
+
+def test_peers_arguments_are_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.peer_scenarios("50rpm-20, faulty-60rpm") == ["50rpm-20", "faulty-60rpm"]
+    for bad in ("", "50rpm-20,nope"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.peer_scenarios(bad)
+    for argv in (["--peers", "--readme"], ["--peers", "--ablation"], ["--peers", "--peer-scenarios", "x"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+    assert "--peers" in capsys.readouterr().err
+
+
+def test_peers_runs_both_proxies_with_the_scenarios_limits_and_writes_the_json(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/peers.py replaced by passthrough 'proxies': the runs, the tables and the JSON."""
+    told: list[tuple[str, dict[str, Any]]] = []
+
+    def proxy(name: str) -> Any:
+        @contextlib.asynccontextmanager
+        async def serve(upstream: str, **settings: Any) -> AsyncIterator[str]:
+            told.append((name, settings))
+            yield upstream
+
+        return serve
+
+    rows = [{"workload": "chain", "metric": "cost/task", "ours": "1 µs", "peer": "2 µs", "ratio": "2.00x"}]
+    fake = types.SimpleNamespace(
+        HIVEMIND=("hivemind-scheduler", "0.2.0"),
+        STIGMERGY_SCHEDULER=("stigmergy-scheduler", "0.2.0"),
+        peer_venv=lambda package, version: Path("/venv/bin/python"),
+        hivemind_proxy=proxy("hivemind"),
+        stigmergy_proxy=proxy("ours"),
+        scheduler_peer_rows=lambda quick: rows if quick else [],
+    )
+    # quick-sized (--peers runs Scenario.quick()): 2 calls each, the second of both answered 429
+    tiny = bench.Scenario("tiny", "2 agents", agents=2, calls=9, rpm=2, ttft=0.01, max_concurrency=3)
+    monkeypatch.setattr(bench, "_peers_module", lambda: fake)
+    monkeypatch.setattr(bench, "SCENARIOS", (tiny,))
+    out = tmp_path / "peers.json"
+    assert bench.main(["--peers", "--quick", "--peer-scenarios", "tiny", "--json", str(out)]) == 0
+    limits = {"rpm": 2, "max_concurrency": 3}
+    assert told == [("hivemind", limits | {"python": Path("/venv/bin/python")}), ("ours", limits)]
+    printed = capsys.readouterr().out
+    assert "| 2 agents | hivemind / ours | x1.00 |" in printed and "| chain | cost/task |" in printed
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["peers"]["runs"]] == ["hivemind", "proxy"]
+    assert [m["mode"] for m in data["peers"]["medians"]] == ["hivemind", "proxy"]
+    assert [m["metrics"]["planned"] for m in data["peers"]["medians"]] == [4, 4]
+    assert data["peer_over_ours"]["tiny"]["failed"] == 1.0 and data["scheduler_peers"] == rows
+    assert data["settings"]["speed"] == 1.0 and data["settings"]["scheduler_quick"] is True
