@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from scenarios import reply_text
 from scheduler import table
 
 from stigmergy.mock_api import MockConfig, reply_words, serve_mock
@@ -212,11 +213,13 @@ def hivemind_command(
     return command
 
 
-def stigmergy_command(upstream_url: str, *, rpm: int | None = None, tpm: int | None = None) -> list[str]:
+def stigmergy_command(
+    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None, max_concurrency: int | None = None
+) -> list[str]:
     """``stigmergy proxy`` (ours, this interpreter's) on a free port of 127.0.0.1."""
     command = [sys.executable, "-m", "stigmergy.cli", "proxy", "--upstream", upstream_url]
     command += ["--port", "0", "--log-level", "warning"]
-    for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
+    for flag, value in (("--rpm", rpm), ("--tpm", tpm), ("--max-in-flight", max_concurrency)):
         if value is not None:
             command += [flag, str(value)]
     return command
@@ -316,15 +319,16 @@ async def hivemind_proxy(
 
 @contextlib.asynccontextmanager
 async def stigmergy_proxy(
-    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None
+    upstream_url: str, *, rpm: int | None = None, tpm: int | None = None, max_concurrency: int | None = None
 ) -> AsyncIterator[str]:
-    """Ours, ``stigmergy proxy`` with its defaults plus ``--rpm``/``--tpm``, run as :func:`hivemind_proxy` is.
+    """Ours, ``stigmergy proxy`` with its defaults plus ``--rpm``/``--tpm``/``--max-in-flight``
+    (``max_concurrency``), run as :func:`hivemind_proxy` is.
 
     Yields the base URL (OpenAI clients: ``base_url + "/v1"``). Ours uses the limits
     only until the upstream's rate-limit headers say otherwise.
     """
     with tempfile.TemporaryDirectory(prefix="stigmergy-proxy-") as tmp:
-        command = stigmergy_command(upstream_url, rpm=rpm, tpm=tpm)
+        command = stigmergy_command(upstream_url, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
         async with serve_process(command, STIGMERGY_URL, "/_stigmergy/health", Path(tmp)) as url:
             yield url
 
@@ -346,28 +350,6 @@ class Reply:
     status: int | None  # None: no status line (transport error)
     intact: bool  # the reply the mock serves, whole
     detail: str = ""  # for a reply not intact: the start of its body, or the client's exception
-
-
-def reply_text(shape: str, stream: bool, body: bytes) -> str | None:
-    """The model's text in a reply body, or None if the body is not a complete reply."""
-    try:
-        if not stream:
-            data = json.loads(body)
-            if shape == "openai":
-                return str(data["choices"][0]["message"]["content"])
-            return "".join(block["text"] for block in data["content"])
-        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
-        if shape == "openai":
-            if not events or events[-1] != "[DONE]":
-                return None
-            chunks = [json.loads(e) for e in events[:-1]]
-            return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        chunks = [json.loads(e) for e in events]
-        if not chunks or chunks[-1].get("type") != "message_stop":
-            return None
-        return "".join(c["delta"]["text"] for c in chunks if c.get("type") == "content_block_delta")
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 async def send(client: httpx.AsyncClient, base_url: str, shape: str, stream: bool, agent: int) -> Reply:

@@ -3,6 +3,8 @@
     python bench/scenarios.py [--quick] [--speed 50] [--repeats 3] [--seed 1]
                               [--scenario KEY ...] [--mode MODE ...] [--ablation]
                               [--json OUT.json] [--plot DIR] [--readme]
+    python bench/scenarios.py --peers [--peer-scenarios KEY,...] [--peer-timeout S]
+                              [--quick] [--seed 1] [--json OUT.json]
 
 Every run serves the mock provider (:class:`MockLLMAPI`) over real TCP on 127.0.0.1, so
 its connection resets are real RSTs, and the mock, the gate and the agents share one
@@ -25,7 +27,11 @@ scenario has one, and per-agent token budgets of four times what each agent need
 Metrics (per run in the JSON; tables show medians over ``--repeats`` seeds). Times are
 seconds on the shared clock; a call is *asked* when its agent starts it.
 
-- failure rate: calls that failed client-side / calls asked (dead agents ask no more).
+- failure rate: calls that failed client-side / calls asked (dead agents ask no more). A
+  call fails client-side on an error status, a transport error, or a 200 whose body is
+  not the whole reply the mock serves (*broken*: a stream cut short or carrying an error,
+  as a proxy that has already sent its 200 must answer; an SDK would raise reading it,
+  without retrying). The mock itself never sends one: it resets before its status line.
 - agents dead: agents with a failed call.
 - upstream 429s: what the mock answered 429 (from its own counters).
 - wasted tokens: tokens the upstream charged for attempts whose answer never reached
@@ -55,6 +61,16 @@ switched off (``Gate(disable=...)``, and ``max_retries=0`` for retries), on the 
 seed only (eight variants per scenario: minutes, not an hour). :func:`run_scenario` is the
 entry point for other runners; ``external_proxy`` puts any proxy (say another project's,
 in real time) in front of the mock.
+
+``--peers`` runs instead the peers of issue 8, each installed into a venv of its own by
+``bench/peers.py``: hivemind-scheduler's proxy and ours (``stigmergy proxy``), each a
+process of its own told the scenario's limits, on quick-sized scenarios (default
+:data:`PEER_SCENARIOS`), one seed, at speed 1: hivemind keeps real time, so it cannot share
+the accelerated clock, and a run is cut off after ``--peer-timeout`` real seconds. The
+clients are the proxy mode's (never retrying: a proxy's promise is that agents need not).
+Then stigmergy-scheduler on the scheduler workloads (``bench/scheduler.py --peer``; with
+``--quick`` its quick bench). Tables: both proxies' rows and hivemind / ours ratios; the
+scheduler's peer / ours rows. About six minutes here.
 """
 
 from __future__ import annotations
@@ -86,7 +102,7 @@ from stigmergy.integrations.httpx_transport import StigmergyTransport
 from stigmergy.integrations.proxy import ProxyApp
 from stigmergy.integrations.proxy_config import ProxyConfig
 from stigmergy.integrations.proxy_server import serve_asgi
-from stigmergy.mock_api import MockConfig, MockLLMAPI, count_input_tokens, serve_mock
+from stigmergy.mock_api import MockConfig, MockLLMAPI, count_input_tokens, reply_words, serve_mock
 from stigmergy.sdk_retry import DEFAULT_RETRIES, sdk_call
 
 MODES = ("no-retry", "sdk-retries", "transport", "proxy")
@@ -97,6 +113,8 @@ CALL_HEADER = "x-bench-call"  # "agent/step": lets the mock's log tie attempts t
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 OUTPUT_TOKENS = 8
 MAX_TOKENS = 32
+#: What every call's reply says, whole: the mock's text is the same for every call.
+EXPECTED_TEXT = "".join(reply_words(min(MAX_TOKENS, OUTPUT_TOKENS)))
 TOKEN_DELAY = 0.0  # tokens come at once: a sleep per token would overshoot ~1 ms each, x speed
 FAIR_SHARE = 2.0
 SAMPLE_EVERY = 1.0  # seconds on the shared clock
@@ -197,6 +215,7 @@ class CallRecord:
     asked: float
     done: float | None = None
     ok: bool = False
+    broken: bool = False  # failed on a 200 whose body was not the whole reply
 
     @property
     def ident(self) -> str:
@@ -262,6 +281,7 @@ class Metrics:
     completed: int
     failed: int
     failure_rate: float
+    broken: int
     agents_dead: int
     attempts: int
     upstream_429s: int
@@ -349,6 +369,7 @@ def measure(scenario: Scenario, calls: Sequence[CallRecord], log: Sequence[Attem
         completed=completed,
         failed=failed,
         failure_rate=failed / len(calls) if calls else 0.0,
+        broken=sum(1 for c in calls if c.broken),
         agents_dead=len({c.agent for c in calls if not c.ok}),
         attempts=len(log),
         upstream_429s=statuses.count(429),
@@ -416,12 +437,42 @@ def _payload(agent: int, step: int, stream: bool) -> dict[str, Any]:
     return body
 
 
+class BrokenReply(Exception):
+    """A 200 whose body is not the whole reply: not retried, as an SDK's parse error is not."""
+
+
+def reply_text(shape: str, stream: bool, body: bytes) -> str | None:
+    """The model's text in a reply body (``shape`` openai or anthropic), or None if the body is not
+    a complete reply: a stream must run to its last event (``[DONE]``, ``message_stop``)."""
+    try:
+        if not stream:
+            data = json.loads(body)
+            if shape == "openai":
+                return str(data["choices"][0]["message"]["content"])
+            return "".join(block["text"] for block in data["content"])
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        if shape == "openai":
+            if not events or events[-1] != "[DONE]":
+                return None
+            chunks = [json.loads(e) for e in events[:-1]]
+            return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        chunks = [json.loads(e) for e in events]
+        if not chunks or chunks[-1].get("type") != "message_stop":
+            return None
+        return "".join(c["delta"]["text"] for c in chunks if c.get("type") == "content_block_delta")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 async def _attempt(
     client: httpx.AsyncClient, path: str, headers: dict[str, str], body: Any
 ) -> httpx.Response:
-    """One HTTP attempt, read to its end (a stream too)."""
+    """One HTTP attempt, read to its end (a stream too); :class:`BrokenReply` for a 200 not whole."""
     async with client.stream("POST", path, json=body, headers=headers) as response:
-        await response.aread()
+        content = await response.aread()
+    shape = "anthropic" if path == PATHS["anthropic"] else "openai"
+    if response.status_code == 200 and reply_text(shape, bool(body.get("stream")), content) != EXPECTED_TEXT:
+        raise BrokenReply(f"{path}: {content[:160]!r}")
     return response
 
 
@@ -440,6 +491,7 @@ async def run_scenario(
     disable: Iterable[str] = (),
     external_proxy: ProxyFactory | None = None,
     label: str | None = None,
+    cutoff: float | None = None,
 ) -> ScenarioResult:
     """Run ``scenario`` once in ``mode`` and measure it.
 
@@ -449,7 +501,8 @@ async def run_scenario(
     ``functools.partial(hivemind_proxy, rpm=scenario.rpm, max_concurrency=...)``); with
     it, ``mode`` must be ``proxy`` and ``speed`` 1, since a foreign proxy runs on real time. ``label``
     replaces the mode in the result (say ``"hivemind"``): tables judge targets only for
-    results labelled ``transport`` or ``proxy``.
+    results labelled ``transport`` or ``proxy``. ``cutoff``: real seconds after which the
+    calls still open are cut off and fail (default :meth:`Scenario.deadline` / ``speed``).
     """
     disabled = sorted(set(disable))
     if mode not in MODES:
@@ -498,8 +551,8 @@ async def run_scenario(
                     httpx.AsyncHTTPTransport(), gate=gate, agent_id=f"agent-{agent}", max_retries=retries
                 )
                 return httpx.AsyncClient(transport=transport, base_url=base, timeout=None, headers=headers)
-            if mode == "proxy":
-                headers["x-stigmergy-agent"] = f"agent-{agent}"
+            if mode == "proxy":  # each proxy's agent header: ours, hivemind's
+                headers["x-stigmergy-agent"] = headers["x-hivemind-agent-id"] = f"agent-{agent}"
             return httpx.AsyncClient(base_url=base, timeout=None, headers=headers)
 
         clients = [await stack.enter_async_context(client(n)) for n in range(scenario.agents)]
@@ -525,6 +578,8 @@ async def run_scenario(
                     )
                 except AdmissionError:  # the gate refused (a budget, a quota): a failure too
                     record.ok = False
+                except BrokenReply:
+                    record.ok, record.broken = False, True
                 record.done = clock()
                 if not record.ok:
                     return
@@ -544,7 +599,7 @@ async def run_scenario(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(sample)
-            with anyio.move_on_after(scenario.deadline() / speed):
+            with anyio.move_on_after(scenario.deadline() / speed if cutoff is None else cutoff):
                 async with anyio.create_task_group() as agents:
                     for n in range(scenario.agents):
                         agents.start_soon(agent, n)
@@ -584,8 +639,10 @@ def results_table(results: Sequence[ScenarioResult], titles: dict[str, str]) -> 
     for (key, label), runs in _group(results).items():
         m = median_metrics([r.metrics for r in runs])
         verdict = _verdict(m) if runs[0].mode in STIGMERGY_MODES else ""
+        broken = f"; {m.broken} broken 200s" if m.broken else ""
         lines.append(
-            f"| {titles.get(key, key)} | {label} | {m.failed} ({m.failure_rate:.0%}) | {m.agents_dead} "
+            f"| {titles.get(key, key)} | {label} | {m.failed} ({m.failure_rate:.0%}{broken}) "
+            f"| {m.agents_dead} "
             f"| {m.upstream_429s} | {m.wasted_avoidable_share:.1%} / "
             f"{m.wasted_floor / max(1, m.tokens_charged):.1%} "
             f"| {m.makespan:.0f} s / {m.makespan_bound:.0f} s = x{m.makespan_ratio:.2f} "
@@ -621,8 +678,13 @@ def targets_legend() -> str:
     return "; ".join(f"{key}: {text}" for key, (text, _) in TARGETS.items())
 
 
-def write_json(path: Path, settings: dict[str, Any], groups: dict[str, list[ScenarioResult]]) -> None:
-    """Every run (metrics, misses, samples) and the medians, per table."""
+def write_json(
+    path: Path,
+    settings: dict[str, Any],
+    groups: dict[str, list[ScenarioResult]],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Every run (metrics, misses, samples) and the medians, per table; then ``extra``'s sections as given."""
     out: dict[str, Any] = {"settings": settings, "targets": {k: t for k, (t, _) in TARGETS.items()}}
     for name, results in groups.items():
         medians = []
@@ -633,6 +695,7 @@ def write_json(path: Path, settings: dict[str, Any], groups: dict[str, list[Scen
             "medians": medians,
             "runs": [asdict(r) | {"misses": misses(r.metrics)} for r in results],
         }
+    out |= extra or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
 
@@ -737,6 +800,145 @@ def update_readme(section: str, path: Path = README) -> None:
     path.write_text(head + section + tail)
 
 
+# --- peers ------------------------------------------------------------------------------------
+
+#: ``--peers`` by default: one clean and one faulty scenario, quick-sized (real time: 1-2 min a run).
+PEER_SCENARIOS = ("50rpm-20", "faulty-60rpm")
+#: Real seconds a peer run may take; then its open calls are cut off and count as failures.
+PEER_TIMEOUT = 240.0
+#: hivemind-scheduler's proxy, then ours (``stigmergy proxy`` as a process): both from bench/peers.py.
+PEER, OURS = "hivemind", "proxy"
+#: The ratio row, peer / ours (above 1 the peer did worse on all but net goodput).
+RATIO_METRICS = ("failed", "makespan_ratio", "goodput_net", "p99_wait", "fair_share_max")
+
+
+def peer_ratios(peer: Metrics, ours: Metrics) -> dict[str, float | None]:
+    """Peer / ours for each of :data:`RATIO_METRICS`: 1 when both are 0, None when only ours is 0."""
+    ratios: dict[str, float | None] = {}
+    for name in RATIO_METRICS:
+        theirs, mine = float(getattr(peer, name)), float(getattr(ours, name))
+        ratios[name] = theirs / mine if mine else (1.0 if theirs == 0 else None)
+    return ratios
+
+
+def scenario_ratios(results: Sequence[ScenarioResult]) -> dict[str, dict[str, float | None]]:
+    """Per scenario, :func:`peer_ratios` of the medians of the peer's runs and of ours."""
+    out = {}
+    for key in dict.fromkeys(r.scenario for r in results):
+        peer, ours = (
+            median_metrics([r.metrics for r in results if r.scenario == key and r.label == name])
+            for name in (PEER, OURS)
+        )
+        out[key] = peer_ratios(peer, ours)
+    return out
+
+
+def peers_table(results: Sequence[ScenarioResult], titles: dict[str, str]) -> str:
+    """:func:`results_table` of the peer's and our runs, each scenario followed by its ratio row."""
+    lines = results_table([], titles).splitlines()
+    for key, ratios in scenario_ratios(results).items():
+        lines += results_table([r for r in results if r.scenario == key], titles).splitlines()[2:]
+        cell = {n: "ours 0" if v is None else f"x{v:.2f}" for n, v in ratios.items()}
+        lines.append(
+            f"| {titles.get(key, key)} | {PEER} / ours | {cell['failed']} | | | | {cell['makespan_ratio']} "
+            f"| {cell['goodput_net']} | {cell['p99_wait']} | {cell['fair_share_max']} | |"
+        )
+    return "\n".join(lines)
+
+
+def _peers_module() -> Any:
+    """bench/peers.py, imported as the bench scripts import each other (bench/ on ``sys.path``)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("peers")
+
+
+async def run_peers(
+    scenarios: Sequence[Scenario], seed: int, cutoff: float = PEER_TIMEOUT
+) -> list[ScenarioResult]:
+    """Each scenario through hivemind's proxy, then through ours, at speed 1 (hivemind keeps real time).
+
+    Both proxies run as processes of their own, told the scenario's limits (``rpm``, and its
+    concurrency cap where it has one; otherwise each keeps its default: hivemind 5, ours none),
+    in front of a fresh mock with the same seed; the clients are the proxy mode's (they never
+    retry). A run is cut off after ``cutoff`` real seconds (its open calls fail).
+    """
+    peers = _peers_module()
+    python = await anyio.to_thread.run_sync(peers.peer_venv, *peers.HIVEMIND)  # minutes the first time
+    results = []
+    for scenario in scenarios:
+        limits = {"rpm": scenario.rpm, "max_concurrency": scenario.max_concurrency}
+        proxies: dict[str, ProxyFactory] = {
+            PEER: functools.partial(peers.hivemind_proxy, python=python, **limits),
+            OURS: functools.partial(peers.stigmergy_proxy, **limits),
+        }
+        for label, proxy in proxies.items():
+            result = await run_scenario(
+                scenario,
+                "proxy",
+                seed,
+                1.0,
+                external_proxy=proxy,
+                label=label,
+                cutoff=min(cutoff, scenario.deadline()),
+            )
+            _progress(result)
+            results.append(result)
+    return results
+
+
+def peer_scenarios(value: str) -> list[str]:
+    """``--peer-scenarios``: comma-separated keys of :data:`SCENARIOS`."""
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    known = [s.key for s in SCENARIOS]
+    if not keys or set(keys) - set(known):
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated keys of {', '.join(known)}")
+    return keys
+
+
+def scheduler_table(rows: Sequence[dict[str, str]]) -> str:
+    """Markdown: bench/scheduler.py --peer's rows (stigmergy-scheduler against ours)."""
+    lines = ["| workload | metric | ours | peer | peer / ours |", "|---|---|---|---|---|"]
+    lines += [f"| {r['workload']} | {r['metric']} | {r['ours']} | {r['peer']} | {r['ratio']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main_peers(args: argparse.Namespace, started: float) -> int:
+    """``--peers``: the proxy scenarios against hivemind-scheduler, the scheduler workloads against
+    stigmergy-scheduler; tables printed, everything in the JSON."""
+    peers = _peers_module()
+    scenarios = [s.quick() for s in SCENARIOS if s.key in args.peer_scenarios]
+    titles = {s.key: s.title for s in scenarios}
+    hivemind, scheduler = (" ".join(p) for p in (peers.HIVEMIND, peers.STIGMERGY_SCHEDULER))
+    print(f"peers: {len(scenarios)} quick scenarios x ({hivemind}, ours) in real time, seed {args.seed}")
+    runs = anyio.run(run_peers, scenarios, args.seed, args.peer_timeout)
+    print(f"peers: {scheduler} on the scheduler workloads{' (quick)' if args.quick else ''}")
+    rows = peers.scheduler_peer_rows(quick=args.quick)
+    tables = {
+        f"Proxy scenarios, {hivemind} against ours, real time (quick sizes, seed {args.seed})": peers_table(
+            runs, titles
+        ),
+        f"Scheduler workloads, {scheduler} against ours": scheduler_table(rows),
+    }
+    for title, table in tables.items():
+        print(f"\n{title}\n{table}")
+    settings = {
+        "speed": 1.0,
+        "seeds": [args.seed],
+        "quick": True,
+        "peer_timeout": args.peer_timeout,
+        "scheduler_quick": args.quick,
+        "real_seconds": time.perf_counter() - started,
+        "scenarios": [asdict(s) for s in scenarios],
+        "peers": {"proxy": hivemind, "scheduler": scheduler},
+    }
+    extra = {"peer_over_ours": scenario_ratios(runs), "scheduler_peers": rows}
+    write_json(args.json, settings, {"peers": runs}, extra)
+    print(f"JSON written to {args.json}")
+    return 0
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -752,15 +954,20 @@ async def run_all(
         for mode, disabled in variants:
             for seed in seeds:
                 result = await run_scenario(scenario, mode, seed, speed, disable=disabled)
-                m = result.metrics
-                print(
-                    f"  {scenario.key:13} {result.label:24} seed {seed}: {m.completed}/{m.planned} done, "
-                    f"{m.failed} failed, {m.upstream_429s} 429s, makespan x{m.makespan_ratio:.2f} "
-                    f"({result.real_seconds:.1f} s real)",
-                    flush=True,
-                )
+                _progress(result)
                 results.append(result)
     return results
+
+
+def _progress(result: ScenarioResult) -> None:
+    """One line per finished run, so a long bench shows it is moving."""
+    m = result.metrics
+    print(
+        f"  {result.scenario:13} {result.label:24} seed {result.seed}: {m.completed}/{m.planned} done, "
+        f"{m.failed} failed, {m.upstream_429s} 429s, makespan x{m.makespan_ratio:.2f} "
+        f"({result.real_seconds:.1f} s real)",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -774,12 +981,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", nargs="+", choices=keys, default=keys, help="scenarios (default all)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="modes (default all)")
     parser.add_argument("--ablation", action="store_true", help="also each primitive off (transport, 1 seed)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "scenarios.json", help="where to write JSON")
+    parser.add_argument(
+        "--json", type=Path, help="where to write JSON (default bench/results/scenarios.json, peers.json)"
+    )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNGs there (needs matplotlib)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's results section")
+    peers = parser.add_argument_group("peers (real time; instead of the runs above)")
+    peers.add_argument(
+        "--peers",
+        action="store_true",
+        help="hivemind-scheduler's proxy against ours on quick-sized scenarios, at speed 1; "
+        "stigmergy-scheduler against ours on the scheduler workloads (--quick: its quick bench)",
+    )
+    peers.add_argument(
+        "--peer-scenarios",
+        type=peer_scenarios,
+        default=list(PEER_SCENARIOS),
+        metavar="KEY,...",
+        help=f"scenarios for --peers (default {','.join(PEER_SCENARIOS)})",
+    )
+    peers.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=PEER_TIMEOUT,
+        metavar="S",
+        help=f"real seconds before a peer run's open calls are cut off (default {PEER_TIMEOUT:g})",
+    )
     args = parser.parse_args(args_list)
-    if args.repeats < 1 or not args.speed > 0:
-        parser.error("--repeats must be >= 1 and --speed > 0")
+    if args.repeats < 1 or not args.speed > 0 or not args.peer_timeout > 0:
+        parser.error("--repeats must be >= 1, --speed and --peer-timeout > 0")
+    if args.peers and (args.ablation or args.plot or args.readme):
+        parser.error("--peers runs on its own: its tables go into the README by hand, not --readme")
+    args.json = args.json or RESULTS / ("peers.json" if args.peers else "scenarios.json")
+    if args.peers:
+        return main_peers(args, time.perf_counter())
     scenarios = [s for s in SCENARIOS if s.key in args.scenario]
     if args.quick:
         scenarios = [s.quick() for s in scenarios]

@@ -6,16 +6,22 @@ checked for what happened (calls, attempts, failures), not for how long it took.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import importlib.util
+import json
 import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from stigmergy.errors import ConfigurationError
+from stigmergy.integrations.proxy_server import serve_asgi
 
 
 def load_bench() -> ModuleType:
@@ -170,3 +176,137 @@ def test_plots_and_tables_from_results(tmp_path: Path) -> None:
     )
     table = bench.results_table(results, {"t": "tiny"}).splitlines()
     assert table[2].endswith("|  |") and table[3].endswith("| PASS |")  # targets judged for stigmergy only
+
+
+# --- peers: the plumbing, without venvs, hivemind or minutes of real time -----------------------
+
+
+def _result(label: str, metrics: object) -> object:
+    return bench.ScenarioResult("t", label, 1, 1.0, [], metrics, 0.1)  # run_scenario: mode = label
+
+
+def test_the_ratio_row_divides_the_peers_medians_by_ours() -> None:
+    scenario = bench.Scenario("t", "tiny", agents=2, calls=2, rpm=2, ttft=1.0)
+    ours = bench.measure(
+        scenario, [bench.CallRecord(0, 0, 0.0, 1.0, True)], [bench.Attempt("0/0", 0.0, 200, True)], 0.0
+    )
+    ours = dataclasses.replace(
+        ours, failed=0, makespan_ratio=1.02, goodput_net=0.98, p99_wait=10.0, fair_share_max=1.1
+    )
+    peer = dataclasses.replace(
+        ours, failed=3, makespan_ratio=2.04, goodput_net=0.49, p99_wait=25.0, fair_share_max=1.1
+    )
+    assert bench.peer_ratios(peer, ours) == {
+        "failed": None,  # ours 0, the peer's not: no ratio
+        "makespan_ratio": pytest.approx(2.0),
+        "goodput_net": pytest.approx(0.5),
+        "p99_wait": pytest.approx(2.5),
+        "fair_share_max": pytest.approx(1.0),
+    }
+    assert bench.peer_ratios(ours, ours)["failed"] == 1.0  # both 0
+    results = [_result(bench.PEER, peer), _result(bench.OURS, ours)]
+    assert bench.scenario_ratios(results) == {"t": bench.peer_ratios(peer, ours)}
+    lines = bench.peers_table(results, {"t": "tiny"}).splitlines()
+    assert (
+        len(lines) == 5
+        and lines[2].startswith("| tiny | hivemind |")
+        and lines[3].startswith("| tiny | proxy |")
+    )
+    assert lines[2].endswith("|  |")  # the peer is reported, not judged against our targets
+    assert lines[4] == "| tiny | hivemind / ours | ours 0 | | | | x2.00 | x0.50 | x2.50 | x1.00 | |"
+
+
+async def _broken_replies(scope: Any, receive: Any, send: Any) -> None:
+    """A proxy that has sent its 200 before the upstream failed: the error inside the body."""
+    if scope["type"] != "http":
+        return
+    request = json.loads(await _read_body(receive))
+    stream = bool(request.get("stream"))
+    body = b'data: {"error": "upstream 502"}\n\n' if stream else b'{"error": "upstream 502"}'
+    kind = b"text/event-stream" if stream else b"application/json"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+@pytest.mark.anyio
+async def test_a_200_whose_body_is_not_the_whole_reply_is_a_client_visible_failure() -> None:
+    @contextlib.asynccontextmanager
+    async def broken(upstream: str) -> AsyncIterator[str]:
+        async with serve_asgi(_broken_replies) as url:
+            yield url
+
+    quick = bench.Scenario("rt", "real time", agents=3, calls=2, rpm=1000, ttft=0.01, stream_share=0.5)
+    result = await bench.run_scenario(quick, "proxy", seed=1, speed=1.0, external_proxy=broken, label="b")
+    m = result.metrics
+    assert (m.asked, m.failed, m.broken, m.agents_dead, m.completed) == (3, 3, 3, 3, 0)
+    assert "3 (100%; 3 broken 200s)" in bench.results_table([result], {})
+
+
+@pytest.mark.parametrize("body", [b"", b'{"choices": []}', b'data: {"error": "x"}\n\n'])
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_text_rejects_what_is_not_a_whole_reply(body: bytes, stream: bool) -> None:
+    assert (
+        bench.reply_text("openai", stream, body) is None
+        and bench.reply_text("anthropic", stream, body) is None
+    )
+
+
+def test_peers_arguments_are_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.peer_scenarios("50rpm-20, faulty-60rpm") == ["50rpm-20", "faulty-60rpm"]
+    for bad in ("", "50rpm-20,nope"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.peer_scenarios(bad)
+    for argv in (["--peers", "--readme"], ["--peers", "--ablation"], ["--peers", "--peer-scenarios", "x"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+    assert "--peers" in capsys.readouterr().err
+
+
+def test_peers_runs_both_proxies_with_the_scenarios_limits_and_writes_the_json(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/peers.py replaced by passthrough 'proxies': the runs, the tables and the JSON."""
+    told: list[tuple[str, dict[str, Any]]] = []
+
+    def proxy(name: str) -> Any:
+        @contextlib.asynccontextmanager
+        async def serve(upstream: str, **settings: Any) -> AsyncIterator[str]:
+            told.append((name, settings))
+            yield upstream
+
+        return serve
+
+    rows = [{"workload": "chain", "metric": "cost/task", "ours": "1 µs", "peer": "2 µs", "ratio": "2.00x"}]
+    fake = types.SimpleNamespace(
+        HIVEMIND=("hivemind-scheduler", "0.2.0"),
+        STIGMERGY_SCHEDULER=("stigmergy-scheduler", "0.2.0"),
+        peer_venv=lambda package, version: Path("/venv/bin/python"),
+        hivemind_proxy=proxy("hivemind"),
+        stigmergy_proxy=proxy("ours"),
+        scheduler_peer_rows=lambda quick: rows if quick else [],
+    )
+    # quick-sized (--peers runs Scenario.quick()): 2 calls each, the second of both answered 429
+    tiny = bench.Scenario("tiny", "2 agents", agents=2, calls=9, rpm=2, ttft=0.01, max_concurrency=3)
+    monkeypatch.setattr(bench, "_peers_module", lambda: fake)
+    monkeypatch.setattr(bench, "SCENARIOS", (tiny,))
+    out = tmp_path / "peers.json"
+    assert bench.main(["--peers", "--quick", "--peer-scenarios", "tiny", "--json", str(out)]) == 0
+    limits = {"rpm": 2, "max_concurrency": 3}
+    assert told == [("hivemind", limits | {"python": Path("/venv/bin/python")}), ("ours", limits)]
+    printed = capsys.readouterr().out
+    assert "| 2 agents | hivemind / ours | x1.00 |" in printed and "| chain | cost/task |" in printed
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["peers"]["runs"]] == ["hivemind", "proxy"]
+    assert [m["mode"] for m in data["peers"]["medians"]] == ["hivemind", "proxy"]
+    assert [m["metrics"]["planned"] for m in data["peers"]["medians"]] == [4, 4]
+    assert data["peer_over_ours"]["tiny"]["failed"] == 1.0 and data["scheduler_peers"] == rows
+    assert data["settings"]["speed"] == 1.0 and data["settings"]["scheduler_quick"] is True

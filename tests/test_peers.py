@@ -106,7 +106,7 @@ def test_the_launcher_sets_the_profile_of_the_upstream_then_runs_the_cli_with_it
 
 
 def test_stigmergy_command_gives_ours_the_same_limits(peers: ModuleType) -> None:
-    command = peers.stigmergy_command("http://127.0.0.1:9000", rpm=60, tpm=1000)
+    command = peers.stigmergy_command("http://127.0.0.1:9000", rpm=60, tpm=1000, max_concurrency=5)
     assert command[:3] == [sys.executable, "-m", "stigmergy.cli"]
     assert command[3:] == [
         "proxy",
@@ -120,7 +120,10 @@ def test_stigmergy_command_gives_ours_the_same_limits(peers: ModuleType) -> None
         "60",
         "--tpm",
         "1000",
+        "--max-in-flight",
+        "5",
     ]
+    assert "--max-in-flight" not in peers.stigmergy_command("http://127.0.0.1:9000")  # none: its default
 
 
 def test_served_url_reads_the_port_each_server_reports(peers: ModuleType) -> None:
