@@ -95,13 +95,14 @@ class Route:
     upstream: str
     key: str = "-"
     model: str = "-"
-    # Computed once: every admission reads both regions.
-    region: str = field(init=False, repr=False, compare=False)
-    upstream_region: str = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "region", f"{self.upstream}|{self.key}|{self.model}")
-        object.__setattr__(self, "upstream_region", f"{self.upstream}|*")
+    @property
+    def region(self) -> str:
+        return f"{self.upstream}|{self.key}|{self.model}"
+
+    @property
+    def upstream_region(self) -> str:
+        return f"{self.upstream}|*"
 
 
 @dataclass(frozen=True, slots=True)
