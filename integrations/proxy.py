@@ -98,9 +98,6 @@ class Call:
 
     def record(self, path: str, query: str) -> RequestRecord:
         done = time.perf_counter()
-        overhead = None
-        if self.first_byte is not None:
-            overhead = 1000 * max(0.0, self.first_byte - self.arrived - self.waited - self.upstream)
         usage = self.usage or Usage()
         return RequestRecord(
             agent=self.agent,
@@ -111,10 +108,31 @@ class Call:
             outcome=self.outcome,
             attempts=self.attempts,
             wait_ms=round(1000 * self.waited, 3),
-            overhead_ms=None if overhead is None else round(overhead, 3),
+            overhead_ms=self.overhead_ms(),
             duration_ms=round(1000 * (done - self.arrived), 3),
             input_tokens=usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens,
             output_tokens=usage.output_tokens,
+        )
+
+    def overhead_ms(self) -> float | None:
+        """The proxy's own time before the status line went out (not waiting, not upstream)."""
+        if self.first_byte is None:
+            return None
+        return round(1000 * max(0.0, self.first_byte - self.arrived - self.waited - self.upstream), 3)
+
+    def count(self, metrics: ProxyMetrics, path: str, query: bytes) -> None:
+        """Count the finished request; its log line (and the record behind it) only if INFO is on."""
+        if logger.isEnabledFor(logging.INFO):
+            metrics.record(self.record(path, query.decode("latin-1")))
+            return
+        usage = self.usage
+        metrics.count(
+            self.status,
+            self.outcome,
+            round(1000 * self.waited, 3),
+            self.overhead_ms(),
+            0 if usage is None else usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens,
+            0 if usage is None else usage.output_tokens,
         )
 
 
@@ -123,6 +141,16 @@ def _provider(url: str, anthropic_version: bool) -> str:
     """The transport's rule (Anthropic's ``/messages`` by its version header, else by URL), cached."""
     headers = {"anthropic-version": "-"} if anthropic_version else {}
     return provider_of(httpx.Request("POST", url, headers=headers))
+
+
+@functools.cache
+def _cancel_scope() -> type[anyio.CancelScope]:
+    """The running backend's CancelScope class (asyncio's: the proxy runs on asyncio only).
+
+    ``anyio.CancelScope()`` looks the backend up on every call (sniffio, a few microseconds);
+    the class it returns is the same every time, so the proxy looks it up once.
+    """
+    return type(anyio.CancelScope())
 
 
 class ProxyApp:
@@ -227,7 +255,7 @@ class ProxyApp:
             # A bare task for the watcher, not a task group: this runs for every request, and
             # the proxy runs on asyncio only (uvicorn, aiohttp). Cancelled unfinished is fine:
             # it only ever waits in receive().
-            with anyio.CancelScope() as cancel:
+            with _cancel_scope()() as cancel:
                 watcher = asyncio.ensure_future(self._watch_disconnect(receive, call, cancel))
                 try:
                     await self._forward(call, send)
@@ -235,7 +263,7 @@ class ProxyApp:
                     watcher.cancel()
         finally:
             self.metrics.in_flight -= 1
-            self.metrics.record(call.record(path, query.decode("latin-1")))
+            call.count(self.metrics, path, query)
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, call: Call, scope: anyio.CancelScope) -> None:
@@ -361,7 +389,7 @@ class ProxyApp:
             call.complete = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            with anyio.CancelScope(shield=True):
+            with _cancel_scope()(shield=True):
                 await body.aclose()
 
     async def _refuse(self, call: Call, send: Send, exc: AdmissionError) -> None:

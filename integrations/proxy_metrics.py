@@ -76,15 +76,39 @@ class ProxyMetrics:
 
     def record(self, record: RequestRecord) -> None:
         """Count a finished request and log its line."""
-        self.by_status[record.status] += 1
-        self.by_outcome[record.outcome] += 1
-        self.input_tokens += record.input_tokens
-        self.output_tokens += record.output_tokens
-        self._waits.append(record.wait_ms / 1000)
-        if record.overhead_ms is not None:
-            self._overheads.append(record.overhead_ms / 1000)
+        self.count(
+            record.status,
+            record.outcome,
+            record.wait_ms,
+            record.overhead_ms,
+            record.input_tokens,
+            record.output_tokens,
+        )
         if logger.isEnabledFor(logging.INFO):
-            logger.info(json.dumps({"event": "request", **asdict(record)}, separators=(",", ":")))
+            self.log(record)
+
+    def count(
+        self,
+        status: int,
+        outcome: str,
+        wait_ms: float,
+        overhead_ms: float | None,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """Count a finished request (what :meth:`record` counts, without a record to build)."""
+        self.by_status[status] += 1
+        self.by_outcome[outcome] += 1
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self._waits.append(wait_ms / 1000)
+        if overhead_ms is not None:
+            self._overheads.append(overhead_ms / 1000)
+
+    @staticmethod
+    def log(record: RequestRecord) -> None:
+        """The request's JSON line on ``stigmergy.proxy`` (INFO)."""
+        logger.info(json.dumps({"event": "request", **asdict(record)}, separators=(",", ":")))
 
     async def snapshot(self, gate: Gate, upstream: str, provider: str) -> dict[str, Any]:
         """Everything ``/_stigmergy/metrics`` shows: counters, percentiles, channels, budgets."""

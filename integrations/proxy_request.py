@@ -9,6 +9,7 @@ they pass. Everything else goes upstream unchanged, in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -47,15 +48,11 @@ class Incoming:
         """The agent named by ``x-stigmergy-agent``, else a fingerprint of credential + user agent."""
         if self.agent:
             return "".join(c if c.isprintable() else "?" for c in self.agent.strip())[:AGENT_CHARS]
-        secret = "\n".join(value for _, value in self.credentials) + "\n" + self.user_agent
-        return "anon-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+        return _fingerprint("\n".join(value for _, value in self.credentials) + "\n" + self.user_agent)
 
     def key(self) -> str:
         """The credential's short hash: requests with one key share its channel."""
-        joined: dict[str, str] = {}  # repeated headers joined as httpx.Headers does, without building one
-        for name, value in self.credentials:
-            joined[name] = f"{joined[name]}, {value}" if name in joined else value
-        return key_hash(joined) if joined else "-"
+        return _key(tuple(self.credentials)) if self.credentials else "-"
 
     def authorised(self, token: bytes | None) -> bool:
         """Whether the request carries the access token (always, when none is configured)."""
@@ -64,38 +61,87 @@ class Incoming:
         return self.token is not None and hmac.compare_digest(self.token.encode(), token)
 
 
+# What sort_headers does with a header, by its lower-case name (any other: forwarded as is).
+_AGENT, _PRIORITY, _TOKEN, _CONNECTION, _DROP, _KEY, _USER_AGENT, _ANTHROPIC, _TIMEOUT = range(9)
+_ACTIONS: dict[bytes, int] = {
+    **{name.encode(): _DROP for name in NOT_FORWARDED},
+    b"connection": _CONNECTION,
+    **{name.encode(): _KEY for name in KEY_HEADERS},
+    b"user-agent": _USER_AGENT,
+    b"anthropic-version": _ANTHROPIC,
+    **{name.encode(): _TIMEOUT for name in TIMEOUT_HEADERS},
+    AGENT_HEADER.encode(): _AGENT,
+    PRIORITY_HEADER.encode(): _PRIORITY,
+    TOKEN_HEADER.encode(): _TOKEN,
+}
+_OUR_PREFIX = OUR_PREFIX.encode()
+
+
 def sort_headers(raw: Iterable[tuple[bytes, bytes]]) -> Incoming:
     """Sort ASGI request headers (lower-case byte names) in one pass."""
     forward: Headers = []
     incoming = Incoming(forward)
     dropped: set[str] = set()
+    actions = _ACTIONS
     for raw_name, raw_value in raw:
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        if name.startswith(OUR_PREFIX):
-            if name == AGENT_HEADER:
+        lower = raw_name.lower()
+        action = actions.get(lower)
+        if action is None:
+            if not lower.startswith(_OUR_PREFIX):  # other x-stigmergy-* headers: ours, never forwarded
+                forward.append((_name(raw_name, lower), raw_value.decode("latin-1")))
+            continue
+        if action == _DROP:
+            continue
+        value = raw_value.decode("latin-1")
+        if action <= _TOKEN:
+            if action == _AGENT:
                 incoming.agent = value
-            elif name == PRIORITY_HEADER:
+            elif action == _PRIORITY:
                 incoming.priority = value
-            elif name == TOKEN_HEADER:
+            else:
                 incoming.token = value
             continue
-        if name in NOT_FORWARDED:
-            if name == "connection":
-                dropped.update(token.strip().lower() for token in value.split(","))
+        if action == _CONNECTION:
+            dropped.update(token.strip().lower() for token in value.split(","))
             continue
-        if name in KEY_HEADERS:
+        name = lower.decode("latin-1")  # a known name: ASCII
+        if action == _KEY:
             incoming.credentials.append((name, value))
-        elif name == "user-agent":
+        elif action == _USER_AGENT:
             incoming.user_agent = value
-        elif name == "anthropic-version":
+        elif action == _ANTHROPIC:
             incoming.anthropic_version = True
-        elif name in TIMEOUT_HEADERS and incoming.client_timeout is None:
+        elif incoming.client_timeout is None:  # _TIMEOUT: the first one announced
             incoming.client_timeout = _seconds(value)
         forward.append((name, value))
     if dropped:
         forward[:] = [(name, value) for name, value in forward if name not in dropped]
     forward.append(("accept-encoding", "identity"))
     return incoming
+
+
+def _name(raw: bytes, lower: bytes) -> str:
+    """The name as a lower-case str: ``raw.decode("latin-1").lower()``, quicker for ASCII names.
+
+    Every name sort_headers knows is ASCII, and no non-ASCII latin-1 letter lowers to ASCII,
+    so matching on bytes-lowered names finds exactly what matching on str-lowered ones did.
+    """
+    return lower.decode("latin-1") if lower.isascii() else raw.decode("latin-1").lower()
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(secret: str) -> str:
+    """An anonymous agent's name: a hash of its credentials and user agent (cached: one per client)."""
+    return "anon-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(credentials: tuple[tuple[str, str], ...]) -> str:
+    """The credential's short hash (cached: a proxy sees few keys)."""
+    joined: dict[str, str] = {}  # repeated headers joined as httpx.Headers does, without building one
+    for name, value in credentials:
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return key_hash(joined)
 
 
 def _seconds(value: str) -> float | None:

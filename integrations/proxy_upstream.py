@@ -39,6 +39,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 CONNECT_TIMEOUT = 10.0
 #: Error bodies up to this size are read whole (to parse and maybe retry); larger ones are relayed.
 ERROR_BODY_LIMIT = 1 << 20
@@ -89,6 +90,9 @@ class Upstream:
 def forwarded_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers as they came, less hop-by-hop ones (and those ``connection`` names)."""
     pairs = list(raw)
+    if not any(name.lower() == b"connection" for name, _ in pairs):
+        # Compared as bytes: the names are ASCII, and no other latin-1 letter lowers to ASCII.
+        return [(name, value) for name, value in pairs if name.lower() not in _HOP_BY_HOP_BYTES]
     dropped = set(HOP_BY_HOP)
     for name, value in pairs:
         if name.lower() == b"connection":

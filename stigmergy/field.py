@@ -15,6 +15,7 @@ plus batch deposits, many agents' pressure in one call, and :meth:`explain`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ MAX_AMPLIFICATION = 3.0
 #: Types that persist for a run (step decay) unless configured otherwise.
 PERSISTENT_SIGNAL_TYPES = frozenset({"task_complete"})
 PERSISTENT_TTL_SECONDS = 3600.0
+#: Unweighted pressure queries kept built, by (types, region); cleared when this many.
+QUERY_CACHE = 4096
 
 #: Told which regions a change touched (None: any); see :meth:`PheromoneField.on_change`.
 ChangeListener = Callable[[frozenset[str] | None], None]
@@ -147,6 +150,7 @@ class PheromoneField:
         self._backend: FieldBackend = backend if backend is not None else InMemoryFieldBackend()
         self._bound = False
         self._listeners: list[ChangeListener] = []
+        self._queries: dict[tuple[tuple[str, ...], str | None], PressureQuery] = {}
 
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener(regions)`` after every change made through this object.
@@ -188,7 +192,7 @@ class PheromoneField:
         region: str | None = None,
     ) -> Signal:
         """Deposit one signal; raises :class:`InvalidSignalError` for bad input (never clamps)."""
-        backend = await self._ready()
+        backend = self._backend if self._bound else await self._ready()
         signal = await backend.deposit(
             check_name(agent_id, "agent_id"),  # type: ignore[arg-type]
             check_name(signal_type, "signal_type"),  # type: ignore[arg-type]
@@ -355,8 +359,19 @@ class PheromoneField:
         region: str | None = None,
     ) -> float:
         """The pressure ``agent_id`` feels now (None: the sum of every signal, as at a region)."""
-        query = PressureQuery(_types(signal_types), _weights(weights), region)
-        return await (await self._ready()).pressure(agent_id, query)
+        query = None
+        if weights is None and type(signal_types) is tuple:  # the gate's reads: the same few queries
+            key = (signal_types, region)
+            with contextlib.suppress(TypeError):  # an unhashable entry: built as any other query
+                query = self._queries.get(key)
+                if query is None:
+                    if len(self._queries) >= QUERY_CACHE:
+                        self._queries.clear()
+                    query = self._queries[key] = PressureQuery(signal_types, {}, region)
+        if query is None:
+            query = PressureQuery(_types(signal_types), _weights(weights), region)
+        backend = self._backend if self._bound else await self._ready()
+        return await backend.pressure(agent_id, query)
 
     async def read_pressures(
         self,

@@ -81,6 +81,11 @@ def spend_type(dimension: str) -> str:
     return f"spend_{dimension}"
 
 
+#: The one-type tuples the gate reads with (a tuple: the field keeps such queries built).
+SPEND_TYPES = {dim: (spend_type(dim),) for dim in WINDOWS}
+HOLD_TYPES = (HOLD,)
+
+
 def gate_field(backend: FieldBackend | None = None) -> PheromoneField:
     """A field for a gate: its decays, and an evaporation threshold low enough for tiny spends.
 
@@ -200,12 +205,24 @@ class _Channel:
     admissions: int = 0
     changed: anyio.Event = field(default_factory=anyio.Event)
     failures: int = 0  # consecutive 5xx/overloads, for the back-off
+    sleepers: int = 0  # tasks waiting on the current ``changed``
 
     def notify(self) -> None:
         """Wake whoever waits on ``changed``; with nobody waiting there is nothing to wake or replace."""
-        if self.changed.statistics().tasks_waiting:
+        if self.sleepers:
             self.changed.set()
             self.changed = anyio.Event()
+            self.sleepers = 0
+
+    async def wait_changed(self) -> None:
+        """Sleep until :meth:`notify`; counted here, cheaper than asking the event on every notify."""
+        event = self.changed
+        self.sleepers += 1
+        try:
+            await event.wait()
+        finally:
+            if self.changed is event:  # left without a notify (cancelled): no longer waiting
+                self.sleepers -= 1
 
 
 class Gate:
@@ -354,7 +371,7 @@ class Gate:
             while not ticket.admitted.is_set():
                 self._refuse_if_exhausted(route, channel)
                 if channel.pumper is not None and channel.pumper is not ticket:
-                    await channel.changed.wait()
+                    await channel.wait_changed()
                     continue
                 channel.pumper = ticket
                 admitted_before = channel.admissions
@@ -365,7 +382,7 @@ class Gate:
                     manual = isinstance(self._clock, ManualClock)  # it notifies every channel when it moves
                     real = math.inf if delay is None or manual else delay / self._speed
                     with anyio.move_on_after(real):
-                        await channel.changed.wait()
+                        await channel.wait_changed()
         finally:
             if channel.pumper is ticket:
                 channel.pumper = None
@@ -444,13 +461,14 @@ class Gate:
         return ChannelReading(fill, hold, soft)
 
     async def _fill(self, route: Route, dimension: str) -> float:
-        spent = await self.field.read_pressure(signal_types=[spend_type(dimension)], region=route.region)
+        types = SPEND_TYPES.get(dimension) or (spend_type(dimension),)
+        spent = await self.field.read_pressure(signal_types=types, region=route.region)
         return max(0.0, -spent)
 
     async def _hold(self, region: str) -> float:
-        if await self.field.read_pressure(signal_types=[HOLD], region=region) >= 0:
+        if await self.field.read_pressure(signal_types=HOLD_TYPES, region=region) >= 0:
             return 0.0
-        explanation = await self.field.explain(signal_types=[HOLD], region=region)
+        explanation = await self.field.explain(signal_types=HOLD_TYPES, region=region)
         return max((c.evaporates_at - explanation.at for c in explanation.contributions), default=0.0)
 
     def explain_now(self, route: Route) -> str:
