@@ -400,7 +400,8 @@ class Gate:
                 return wait
             if not await self._spend(route, channel, ticket.cost):
                 continue  # another process sharing the field took the room first: read again
-            heapq.heappop(channel.waiters)
+            if not self._dequeue(channel, ticket):
+                continue  # it gave up while we read and spent; its spend stays (errs on the full side)
             channel.in_flight += 1
             channel.admissions += 1
             ticket.pressure = (
@@ -408,6 +409,20 @@ class Gate:
             )
             ticket.admitted.set()
         return None
+
+    @staticmethod
+    def _dequeue(channel: _Channel, ticket: Ticket) -> bool:
+        """Take ``ticket`` off the queue (False: it left already). Reading and spending may
+        suspend (a Redis field), and meanwhile a higher-priority newcomer can take the top."""
+        if channel.waiters and channel.waiters[0][2] is ticket:
+            heapq.heappop(channel.waiters)
+            return True
+        kept = [w for w in channel.waiters if w[2] is not ticket]
+        if len(kept) == len(channel.waiters):
+            return False
+        channel.waiters = kept
+        heapq.heapify(kept)
+        return True
 
     def _wait_for(self, route: Route, channel: _Channel, reading: ChannelReading, ticket: Ticket) -> float:
         """Seconds until ``ticket`` may go (0: now)."""

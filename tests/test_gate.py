@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from stigmergy import ManualClock, PheromoneField
@@ -327,4 +328,40 @@ async def test_gates_sharing_a_redis_field_never_both_take_the_last_room(redis_u
         await anyio.sleep(1.0)  # the other waits for the window: about a minute
         tg.cancel_scope.cancel()
     assert len(admitted) == 1
+    await client.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_a_redis_field_arrivals_and_cancellations_during_a_pump_lose_no_request(
+    redis_url: str,
+) -> None:
+    """Reading and spending in Redis suspend the pumping waiter: newcomers with a higher
+    priority and waiters that give up meanwhile must neither be dropped nor counted in flight."""
+    from redis.asyncio import Redis
+
+    from stigmergy.backends.redis_backend import RedisFieldBackend
+    from stigmergy.gate import gate_field
+
+    client = Redis.from_url(redis_url)
+    gate = Gate(gate_field(RedisFieldBackend(client, f"pump-{uuid.uuid4().hex}")), limits={"rpm": 100_000})
+    route, admitted = Route("https://api.example.com", "k"), []
+
+    async def ask(n: int, scope: anyio.CancelScope) -> None:
+        with scope:
+            ticket = await gate.acquire(f"agent-{n}", route, priority=0.5 + n / 100)
+            admitted.append(n)
+            gate.release(ticket)
+
+    scopes = [anyio.CancelScope() for _ in range(60)]
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for n, scope in enumerate(scopes):
+                tg.start_soon(ask, n, scope)
+                await anyio.lowlevel.checkpoint()
+                if n % 3 == 2:
+                    scopes[n - 1].cancel()  # gives up while others are being pumped
+    cancelled = {n for n, scope in enumerate(scopes) if scope.cancel_called}
+    assert sorted(admitted + [n for n in cancelled if n not in admitted]) == list(range(60))
+    assert len(admitted) == len(set(admitted))
+    assert gate.channels()[route]["in_flight"] == 0 and gate.channels()[route]["waiting"] == 0
     await client.aclose()
