@@ -48,6 +48,8 @@ from typing import Any, TypeVar
 import aiohttp
 import httptools
 
+from stigmergy.asgi import read_body
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is in the proxy extra where it installs
@@ -252,12 +254,7 @@ def serve_passthrough(client: str, upstream: str) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive, 100_000_000)
         url = upstream + scope["path"]
         if client == "httpx":
             http = state.setdefault("http", httpx.AsyncClient(limits=httpx.Limits(max_connections=None)))

@@ -17,6 +17,7 @@ from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 from test_transport import call
 
+from stigmergy.asgi import read_body
 from stigmergy.integrations.proxy import ProxyApp
 from stigmergy.integrations.proxy_config import ProxyConfig
 from stigmergy.integrations.proxy_server import serve_asgi, serve_proxy
@@ -50,12 +51,7 @@ class ScriptedUpstream:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive, 100_000_000)
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
         seen = {"method": scope["method"], "raw_path": scope["raw_path"].decode(), "headers": headers}
         self.requests.append(seen | {"query": scope["query_string"].decode(), "body": body.decode("latin-1")})
