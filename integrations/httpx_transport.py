@@ -51,7 +51,12 @@ def key_hash(headers: Mapping[str, str]) -> str:
 
 
 def describe(body: bytes, default_output: int) -> tuple[str, Cost]:
-    """The model and a cost estimate (prompt characters / 4, plus the output cap) from a JSON body."""
+    """The model and a cost estimate (body bytes / 4, plus the output cap) from a JSON body.
+
+    The prompt is nearly all of a request's body: its size in bytes stands for the
+    prompt's characters without encoding the prompt again (a guess either way, until
+    the answer's usage corrects it).
+    """
     try:
         payload = json.loads(body) if body else {}
     except ValueError:
@@ -59,15 +64,12 @@ def describe(body: bytes, default_output: int) -> tuple[str, Cost]:
     if not isinstance(payload, dict):
         payload = {}
     model = payload.get("model")
-    prompt = {k: payload[k] for k in ("messages", "system", "prompt", "input", "contents") if k in payload}
     output = (
         payload.get("max_tokens") or payload.get("max_completion_tokens") or payload.get("max_output_tokens")
     )
     if not isinstance(output, int) or isinstance(output, bool) or output < 0:
         output = default_output
-    return (model if isinstance(model, str) and model else "-"), Cost(
-        len(json.dumps(prompt)) / 4, float(output)
-    )
+    return (model if isinstance(model, str) and model else "-"), Cost(len(body) / 4, float(output))
 
 
 def provider_of(request: httpx.Request) -> str:
