@@ -1055,6 +1055,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # now, not when uvicorn gets to it: the banner says "connect" before that
     except OSError:
         sock.close()
         raise

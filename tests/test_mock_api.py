@@ -437,11 +437,16 @@ def test_cli_rejects_bad_values_and_a_missing_uvicorn(
 def test_cli_serves_until_ctrl_c() -> None:
     command = [*stigmergy_command(), "mock-api", "--port", "0", "--rpm", "5"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        assert process.stdout is not None
-        banner = [process.stdout.readline() for _ in range(3)]
-        url = banner[0].split()[-1]
-        assert f'base_url="{url}/v1"' in banner[1] and f'base_url="{url}"' in banner[2]
-        reply = httpx.post(f"{url}{MESSAGES}", json=message(), headers={"x-api-key": "k"})
-        assert reply.status_code == 200 and reply.headers["anthropic-ratelimit-requests-remaining"] == "4"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0, process.stderr.read() if process.stderr else ""
+        try:
+            assert process.stdout is not None
+            banner = [process.stdout.readline() for _ in range(3)]
+            url = banner[0].split()[-1]
+            assert f'base_url="{url}/v1"' in banner[1] and f'base_url="{url}"' in banner[2]
+            # Right after the banner, before the server is up: the socket already listens.
+            reply = httpx.post(f"{url}{MESSAGES}", json=message(), headers={"x-api-key": "k"})
+            assert reply.status_code == 200
+            assert reply.headers["anthropic-ratelimit-requests-remaining"] == "4"
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=10) == 0, process.stderr.read() if process.stderr else ""
+        finally:
+            process.kill()  # a no-op once it has exited; else the with block would wait forever
