@@ -22,8 +22,10 @@ less than the proxy needs to show 3,000.
    sends a token a second); the proxy's peak RSS (VmHWM) once every stream has its
    first bytes.
 3. The upstream client (``--skip-clients`` skips it): a minimal uvicorn pass-through
-   forwarding with httpx vs with aiohttp, at 64 connections to the canned upstream.
-   The proxy uses aiohttp because of this comparison.
+   forwarding with httpx, with aiohttp, and with the proxy's own connections
+   (``stigmergy.integrations.proxy_upstream``), at 1 and 64 connections to the canned
+   upstream, with the pass-through's CPU time per request. The proxy uses its own
+   connections because of this comparison.
 
 Targets, printed with PASS/MISS: p50 added <= 0.5 ms at 1 connection (non-stream);
 >= 3,000 requests/s through the proxy at 64 connections (non-stream, against the mock);
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +125,7 @@ class Run:
     stream: bool
     latencies: list[float]
     seconds: float
+    warm_up: int = 0  # requests before the measured ones (CPU counters see them too)
 
     def quantile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -203,11 +207,12 @@ async def load(base: str, connections: int, stream: bool, seconds: float, label:
         except Exception as exc:
             raise RuntimeError(f"{label}: {exc}") from exc
 
-    await clients(connections, time.perf_counter() + 0.3, [])  # warm up: the proxy's upstream connections
+    warm_up: list[float] = []
+    await clients(connections, time.perf_counter() + 0.3, warm_up)  # the proxy's upstream connections
     latencies: list[float] = []
     started = time.perf_counter()
     await clients(connections, started + seconds, latencies)
-    return Run(label, connections, stream, latencies, time.perf_counter() - started)
+    return Run(label, connections, stream, latencies, time.perf_counter() - started, len(warm_up))
 
 
 # -- servers for the comparisons --------------------------------------------------------------------
@@ -249,6 +254,9 @@ def serve_passthrough(client: str, upstream: str) -> None:
     """A minimal uvicorn pass-through (no gate, no metering) forwarding with ``client``."""
     import httpx
 
+    from stigmergy.integrations.proxy_config import ProxyConfig
+    from stigmergy.integrations.proxy_upstream import Upstream, read_error_body
+
     state: dict[str, Any] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -260,6 +268,11 @@ def serve_passthrough(client: str, upstream: str) -> None:
             http = state.setdefault("http", httpx.AsyncClient(limits=httpx.Limits(max_connections=None)))
             response = await http.post(url, content=body)
             status, content = response.status_code, response.content
+        elif client == "stigmergy":
+            ours = state.get("ours") or state.setdefault("ours", Upstream(ProxyConfig(upstream=upstream)))
+            answer = await ours.send("POST", scope["path"], [("content-type", "application/json")], body)
+            status, (content, _) = answer.status, await read_error_body(answer)
+            answer.release()
         else:
             http = state.setdefault("http", aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
             async with http.post(url, data=body) as upstream_response:
@@ -334,11 +347,17 @@ def print_runs(runs: list[Run]) -> None:
 def latency_and_throughput(seconds: float) -> dict[str, float]:
     runs: list[Run] = []
     added: dict[tuple[int, bool], tuple[float, float]] = {}
-    with mock(16) as (upstream, _), proxy(upstream) as (through, _):
+    cpu: dict[str, float] = {}
+    with mock(16) as (upstream, mock_pid), proxy(upstream) as (through, proxy_pid):
         for connections in (1, 64):
             for stream in (False, True):
                 direct = run(load(upstream, connections, stream, seconds, "direct to the mock"))
+                before = {pid: cpu_seconds(pid) for pid in (mock_pid, proxy_pid)}
                 proxied = run(load(through, connections, stream, seconds, "through the proxy"))
+                if connections == 64 and not stream:
+                    requests = len(proxied.latencies) + proxied.warm_up
+                    for name, pid in (("mock", mock_pid), ("proxy", proxy_pid)):
+                        cpu[name] = (cpu_seconds(pid) - before[pid]) / requests * 1e6
                 runs += [direct, proxied]
                 added[connections, stream] = (
                     proxied.quantile(0.5) - direct.quantile(0.5),
@@ -352,6 +371,10 @@ def latency_and_throughput(seconds: float) -> dict[str, float]:
     for (connections, stream), (p50, p99) in added.items():
         kind = "stream" if stream else "non-stream"
         print(f"  {connections:>2} connection(s), {kind:<10}: {p50:+.2f} / {p99:+.2f}")
+    print(
+        f"\nCPU per request through the proxy, 64 connections, non-stream: proxy {cpu['proxy']:.0f} µs, "
+        f"mock {cpu['mock']:.0f} µs (the load generator's share comes on top, on the same 2 cores)"
+    )
     proxied_64 = next(
         r for r in runs if r.label == "through the proxy" and r.connections == 64 and not r.stream
     )
@@ -402,15 +425,26 @@ def open_streams(count: int) -> float:
     return peak if got == count else float("inf")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def upstream_clients(seconds: float) -> None:
-    print("\nminimal pass-through at 64 connections to the canned upstream, by upstream client:")
+    print("\nminimal pass-through to the canned upstream, by upstream client:")
     with server(this_script("--serve-canned"), "canned") as (canned, _):
-        for client in ("httpx", "aiohttp"):
-            with server(this_script("--serve-passthrough", client, canned), "pass-through") as (url, _):
-                runs = [run(load(url, n, False, seconds, f"pass-through, {client}")) for n in (1, 64)]
-            for measured in runs:
-                p50, rate = measured.quantile(0.5), measured.rate
-                print(f"  {client:<8} {measured.connections:>2} conns: {rate:>6.0f} req/s, p50 {p50:.2f} ms")
+        for client in ("httpx", "aiohttp", "stigmergy"):
+            with server(this_script("--serve-passthrough", client, canned), "pass-through") as (url, pid):
+                for connections in (1, 64):
+                    before = cpu_seconds(pid)
+                    measured = run(load(url, connections, False, seconds, f"pass-through, {client}"))
+                    requests = len(measured.latencies) + measured.warm_up
+                    cpu = (cpu_seconds(pid) - before) / requests * 1e6
+                    print(
+                        f"  {client:<9} {connections:>2} conns: {measured.rate:>6.0f} req/s, "
+                        f"p50 {measured.quantile(0.5):.2f} ms, {cpu:.0f} µs CPU/request"
+                    )
 
 
 def verdict(ok: bool) -> str:
@@ -421,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
     parser.add_argument("--streams", type=int, default=1000, help="SSE streams held open (default 1000)")
-    parser.add_argument("--skip-clients", action="store_true", help="skip the httpx vs aiohttp comparison")
+    parser.add_argument("--skip-clients", action="store_true", help="skip the upstream clients' comparison")
     parser.add_argument("--serve-canned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-mock", nargs=2, metavar=("TOKENS", "DELAY"), help=argparse.SUPPRESS)
     parser.add_argument(

@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import anyio
 import httpx
 
@@ -49,6 +48,7 @@ from stigmergy.integrations.proxy_upstream import (
     UPSTREAM_ERRORS,
     Upstream,
     UpstreamBody,
+    UpstreamResponse,
     finish,
     forwarded_response_headers,
     read_error_body,
@@ -253,8 +253,8 @@ class ProxyApp:
         self.metrics.in_flight += 1
         try:
             # A bare task for the watcher, not a task group: this runs for every request, and
-            # the proxy runs on asyncio only (uvicorn, aiohttp). Cancelled unfinished is fine:
-            # it only ever waits in receive().
+            # the proxy runs on asyncio only (uvicorn, its upstream connections). Cancelled
+            # unfinished is fine: it only ever waits in receive().
             with _cancel_scope()() as cancel:
                 watcher = asyncio.ensure_future(self._watch_disconnect(receive, call, cancel))
                 try:
@@ -321,7 +321,7 @@ class ProxyApp:
                 if response.status >= 400:
                     head, whole = await read_error_body(response)
                 else:
-                    head, whole = await response.content.readany(), False
+                    head, whole = await response.readany(), False
             except UPSTREAM_ERRORS as exc:
                 return await self._failed(call, ticket, send, exc, sent, last=last)
             call.upstream += time.perf_counter() - sent
@@ -368,7 +368,7 @@ class ProxyApp:
         )
 
     async def _relay(
-        self, call: Call, send: Send, response: aiohttp.ClientResponse, body: UpstreamBody | MeteredBody
+        self, call: Call, send: Send, response: UpstreamResponse, body: UpstreamBody | MeteredBody
     ) -> None:
         """Status, headers, then the body chunk by chunk; the upstream response is closed in any case."""
         try:

@@ -7,8 +7,11 @@ travel): the proxy logs one redacted line per request itself. Its ``server`` and
 Requests are parsed by httptools (C), not h11 (pure Python), which cost more per
 request than the rest of uvicorn's work for it. httptools would turn an absolute-form target
 (``GET http://elsewhere/ HTTP/1.1``) into its bare path, hiding that the client asked
-for another host; :class:`TargetKeepingProtocol` hands the app the target as sent,
-so the proxy refuses it as it refuses CONNECT. The CLI runs on uvloop when installed.
+for another host; :class:`ProxyProtocol` hands the app the target as sent,
+so the proxy refuses it as it refuses CONNECT. A response's head and body, written by
+uvicorn one after the other, leave in one send (:class:`CorkedTransport`): on loopback a
+send costs more than the rest of uvicorn's work for a response. The CLI runs on uvloop
+when installed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,14 +32,54 @@ from stigmergy.integrations.proxy_config import ProxyConfig
 ASGIApp = Callable[..., Awaitable[None]]
 
 
-class TargetKeepingProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, but a target that is not a path reaches the app as sent.
+class CorkedTransport:
+    """A transport whose writes in one turn of the event loop leave together, at the end of the turn.
 
-    An absolute-form (``http://host/path``), authority-form (``host:443``, CONNECT) or
-    asterisk-form (``*``) target becomes ``scope["path"]`` and ``scope["raw_path"]`` whole,
-    as h11 gives it, instead of httptools' path without the host; the proxy refuses
-    every target that does not start with ``/``.
+    uvicorn writes a response's status line and headers, then each body message, as
+    separate sends; the proxy sends a whole small answer (or a stream's first chunk) in
+    one turn, so it goes out in one send. A stream's later chunks arrive in later turns
+    and are not held back: each turn's writes are flushed at its end (``call_soon``).
+    Everything but writing and closing goes straight to the wrapped transport.
     """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if data:
+            if not self._pending:
+                self._loop.call_soon(self._flush)
+            self._pending.append(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class ProxyProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with its writes corked and targets that are not paths kept.
+
+    Writes go through a :class:`CorkedTransport`. An absolute-form (``http://host/path``),
+    authority-form (``host:443``, CONNECT) or asterisk-form (``*``) target becomes
+    ``scope["path"]`` and ``scope["raw_path"]`` whole, as h11 gives it, instead of
+    httptools' path without the host; the proxy refuses every target that does not
+    start with ``/``.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(CorkedTransport(transport))  # type: ignore[arg-type]
 
     def on_headers_complete(self) -> None:
         target = self.url
@@ -64,7 +108,7 @@ def _server(app: ASGIApp, host: str, port: int, *, embedded: bool) -> uvicorn.Se
         host=host,
         port=port,
         lifespan="auto",
-        http=TargetKeepingProtocol,
+        http=ProxyProtocol,
         proxy_headers=False,
         ws="none",
         access_log=False,
