@@ -45,6 +45,8 @@ PERSISTENT_SIGNAL_TYPES = frozenset({"task_complete"})
 PERSISTENT_TTL_SECONDS = 3600.0
 #: Unweighted pressure queries kept built, by (types, region); cleared when this many.
 QUERY_CACHE = 4096
+#: Intensity lists up to this long are checked in Python, not numpy (see _short_column).
+SHORT_COLUMN = 16
 
 #: Told which regions a change touched (None: any); see :meth:`PheromoneField.on_change`.
 ChangeListener = Callable[[frozenset[str] | None], None]
@@ -112,6 +114,21 @@ def _weights(weights: Mapping[str, float] | None) -> Mapping[str, float]:
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
             raise InvalidSignalError(f"weight for {name!r} must be a finite number, got {weight!r}")
     return weights or {}
+
+
+def _short_column(intensities: object) -> np.ndarray[Any, Any] | None:
+    """A short list of plain numbers, checked one by one (None: anything else, for numpy to check).
+
+    The gate deposits two or three spends a request: numpy's per-call costs are most of
+    the checking there, and nothing of it pays off below a few dozen values.
+    """
+    if type(intensities) is not list or len(intensities) > SHORT_COLUMN:
+        return None
+    if not all(type(value) in (float, int, bool) for value in intensities):
+        return None  # numpy scalars, strings...: numpy's checks and messages
+    for at, value in enumerate(intensities):
+        check_intensity(value, f"intensities[{at}]")
+    return np.array(intensities, dtype=np.float64)
 
 
 def _column(value: Any, n: int, what: str) -> list[Any]:
@@ -229,18 +246,20 @@ class PheromoneField:
             for c in (agent_ids, signal_types, target_agent_ids, regions, metadata)
             if c is not None and not isinstance(c, str)
         ]
-        values = np.asarray(intensities)
-        if values.dtype.kind not in "fiu" or values.ndim > 1:
-            raise InvalidSignalError("intensities must be a number or a 1-D sequence of numbers")
-        if values.ndim == 0:
-            values = np.full(len(sequences[0]) if sequences else 1, values)
-        values = values.astype(np.float64)
-        bad = ~(np.isfinite(values) & (np.abs(values) <= 1.0))
-        if bad.any():
-            at = int(np.flatnonzero(bad)[0])
-            raise InvalidSignalError(
-                f"intensities[{at}] must be a finite number in [-1, 1], got {values[at]!r}"
-            )
+        values = _short_column(intensities)
+        if values is None:
+            values = np.asarray(intensities)
+            if values.dtype.kind not in "fiu" or values.ndim > 1:
+                raise InvalidSignalError("intensities must be a number or a 1-D sequence of numbers")
+            if values.ndim == 0:
+                values = np.full(len(sequences[0]) if sequences else 1, values)
+            values = values.astype(np.float64)
+            bad = ~(np.isfinite(values) & (np.abs(values) <= 1.0))
+            if bad.any():
+                at = int(np.flatnonzero(bad)[0])
+                raise InvalidSignalError(
+                    f"intensities[{at}] must be a finite number in [-1, 1], got {values[at]!r}"
+                )
         n = len(values)
         agents = _column(agent_ids, n, "agent_ids")
         types = _column(signal_types, n, "signal_types")

@@ -16,7 +16,7 @@ from stigmergy import (
     PheromoneField,
     StochasticDecay,
 )
-from stigmergy.errors import BackendError, FieldCapacityError
+from stigmergy.errors import BackendError, FieldCapacityError, InvalidSignalError
 
 pytestmark = pytest.mark.anyio
 
@@ -139,3 +139,42 @@ async def test_memory_stays_flat_under_churn() -> None:
         sizes.append(backend.memory_bytes())
     assert await field.signal_count() == 0
     assert sizes[-1] == sizes[5]  # after warm-up, recycled rows and accumulators: no growth
+
+
+@pytest.mark.parametrize("size", [2, 8, 9, 40])
+async def test_short_batches_stored_signal_by_signal_read_as_long_ones_do(size: int) -> None:
+    """Batches of up to 8 take the one-signal path (and short lists are checked without
+    numpy); either way a batch reads as the same signals deposited one by one."""
+    clock = ManualClock()
+    batched, _ = make(clock)
+    single, _ = make(clock)
+    agents = [f"a{i % 3}" for i in range(size)]
+    targets = [None if i % 4 else "a1" for i in range(size)]
+    regions = [None if i % 2 else f"r{i % 3}" for i in range(size)]
+    values = [round(0.9 - 1.7 * i / size, 3) for i in range(size)]
+    assert (
+        await batched.deposit_many(agents, "work", values, target_agent_ids=targets, regions=regions) == size
+    )
+    for agent, value, target, region in zip(agents, values, targets, regions, strict=True):
+        await single.deposit(agent, "work", value, target_agent_id=target, region=region)
+    clock.advance(3.0)
+    for reader in ("a0", "a1", None):
+        for region in (None, "r0", "r1", "r2"):
+            expected = await single.read_pressure(reader, region=region)
+            assert await batched.read_pressure(reader, region=region) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([0.5, 1.5], r"intensities\[1\] must be a finite number in \[-1, 1\], got 1.5"),
+        ([0.5, math.nan], r"intensities\[1\] must be a finite number"),
+        ([True, 0.5], r"intensities\[0\] must be a number in \[-1, 1\], got True"),
+        ([0.5] * 20 + [-2.0], r"intensities\[20\] must be a finite number"),
+    ],
+)
+async def test_a_bad_intensity_in_a_batch_stores_nothing(values: list[float], message: str) -> None:
+    field, _ = make(ManualClock())
+    with pytest.raises(InvalidSignalError, match=message):
+        await field.deposit_many("a", "work", values)
+    assert await field.read_pressure("z") == 0.0
