@@ -598,7 +598,9 @@ class Gate:
                 )
             elif self._own_field and dim in ("rpm", "rpd"):
                 could_hold = min(1.0, upstream_fill + channel.in_flight / limit)
-                if ours > could_hold + 1e-9:
+                # Only a whole request's worth or more: a smaller drift stays (on the full side),
+                # so a busy channel does not store a refund with every response.
+                if ours > could_hold + 1.0 / limit:
                     await self.field.deposit(
                         GATE_AGENT, spend_type(dim), ours - could_hold, region=route.region
                     )
