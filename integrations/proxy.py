@@ -71,6 +71,11 @@ WAIT_SHARE = 0.75
 BUDGET_RETRY_AFTER = 60.0
 #: What nginx logs for a client that closed its request.
 CLIENT_CLOSED = 499
+#: A scope extension of ``ProxyProtocol``: ``{"callbacks": [...]}``, a list the app puts
+#: callbacks in, called when the client disconnects before its answer is complete. It
+#: spares a watcher task per request (waiting in ``receive()``), which cost about a fifth
+#: of the proxy's own CPU per request.
+DISCONNECT_EXTENSION = "stigmergy.http.disconnect"
 
 
 @dataclass(slots=True)
@@ -252,10 +257,15 @@ class ProxyApp:
         )
         self.metrics.in_flight += 1
         try:
-            # A bare task for the watcher, not a task group: this runs for every request, and
-            # the proxy runs on asyncio only (uvicorn, its upstream connections). Cancelled
-            # unfinished is fine: it only ever waits in receive().
             with _cancel_scope()() as cancel:
+                hooks = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+                if hooks is not None:  # the server calls us when the client goes: no watcher
+                    hooks["callbacks"].append(functools.partial(self._disconnected, call, cancel))
+                    await self._forward(call, send)
+                    return
+                # A bare task for the watcher, not a task group: this runs for every request, and
+                # the proxy runs on asyncio only (uvicorn, its upstream connections). Cancelled
+                # unfinished is fine: it only ever waits in receive().
                 watcher = asyncio.ensure_future(self._watch_disconnect(receive, call, cancel))
                 try:
                     await self._forward(call, send)
@@ -265,11 +275,16 @@ class ProxyApp:
             self.metrics.in_flight -= 1
             call.count(self.metrics, path, query)
 
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, call: Call, scope: anyio.CancelScope) -> None:
-        """Cancel the request the moment its client goes: its wait, or its upstream request."""
+    @classmethod
+    async def _watch_disconnect(cls, receive: Receive, call: Call, scope: anyio.CancelScope) -> None:
+        """Wait for the client to go (on a server without :data:`DISCONNECT_EXTENSION`)."""
         while (await receive())["type"] != "http.disconnect":
             pass
+        cls._disconnected(call, scope)
+
+    @staticmethod
+    def _disconnected(call: Call, scope: anyio.CancelScope) -> None:
+        """Cancel the request the moment its client goes: its wait, or its upstream request."""
         if not call.complete:
             call.status, call.outcome = CLIENT_CLOSED, "disconnected"
             scope.cancel()

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from stigmergy.clock import Clock
-from stigmergy.integrations.proxy import ProxyApp, create_proxy_app
+from stigmergy.integrations.proxy import DISCONNECT_EXTENSION, ProxyApp, create_proxy_app
 from stigmergy.integrations.proxy_config import ProxyConfig
 
 ASGIApp = Callable[..., Awaitable[None]]
@@ -69,9 +69,11 @@ class CorkedTransport:
 
 
 class ProxyProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with its writes corked and targets that are not paths kept.
+    """uvicorn's httptools protocol: writes corked, disconnects announced, targets kept as sent.
 
-    Writes go through a :class:`CorkedTransport`. An absolute-form (``http://host/path``),
+    Writes go through a :class:`CorkedTransport`. A request's scope carries the
+    :data:`~stigmergy.integrations.proxy.DISCONNECT_EXTENSION`, whose callbacks run
+    when the client goes before its answer is complete. An absolute-form (``http://host/path``),
     authority-form (``host:443``, CONNECT) or asterisk-form (``*``) target becomes
     ``scope["path"]`` and ``scope["raw_path"]`` whole, as h11 gives it, instead of
     httptools' path without the host; the proxy refuses every target that does not
@@ -80,6 +82,18 @@ class ProxyProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(CorkedTransport(transport))  # type: ignore[arg-type]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: {"callbacks": []}}
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # gone before its answer was complete
+            hooks: dict[str, Any] = cycle.scope["extensions"][DISCONNECT_EXTENSION]  # type: ignore[assignment]
+            for callback in hooks["callbacks"]:
+                callback()
 
     def on_headers_complete(self) -> None:
         target = self.url

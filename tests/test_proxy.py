@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ import anyio
 import httpx
 import httpx2
 import pytest
+import uvicorn
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 from test_transport import call
@@ -77,16 +79,38 @@ class ScriptedUpstream:
 
 @asynccontextmanager
 async def proxied(
-    upstream: ScriptedUpstream | MockLLMAPI, **settings: Any
+    upstream: ScriptedUpstream | MockLLMAPI, *, plain_uvicorn: bool = False, **settings: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, ProxyApp]]:
-    """``upstream`` served, a proxy for it, and a client of the proxy."""
+    """``upstream`` served, a proxy for it, and a client of the proxy.
+
+    ``plain_uvicorn``: the proxy app on uvicorn's own httptools protocol instead of
+    ``ProxyProtocol``, as any ASGI server would run it (no disconnect extension).
+    """
     serving = serve_mock(upstream) if isinstance(upstream, MockLLMAPI) else serve_asgi(upstream)
-    async with (
-        serving as base,
-        serve_proxy(ProxyConfig(base, **settings)) as (url, app),
-        httpx.AsyncClient(base_url=url, timeout=10) as client,
-    ):
-        yield client, app
+    async with serving as base:
+        proxy = (
+            plain(ProxyApp(ProxyConfig(base, **settings)))
+            if plain_uvicorn
+            else serve_proxy(ProxyConfig(base, **settings))
+        )
+        async with proxy as (url, app), httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield client, app
+
+
+@asynccontextmanager
+async def plain(app: ProxyApp) -> AsyncIterator[tuple[str, ProxyApp]]:
+    config = uvicorn.Config(app, port=0, http="httptools", lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # it could not start: say why
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
@@ -196,10 +220,14 @@ async def test_retries_happen_before_the_first_byte_only_and_honour_the_deadline
         assert len(upstream.requests) == 6
 
 
-async def test_a_client_that_disconnects_cancels_its_upstream_request_and_its_wait() -> None:
+@pytest.mark.parametrize("on_plain_uvicorn", [False, True], ids=["ProxyProtocol", "plain uvicorn"])
+async def test_a_client_that_disconnects_cancels_its_upstream_request_and_its_wait(
+    on_plain_uvicorn: bool,
+) -> None:
+    """On our server the protocol announces the disconnect; on any other a watcher task sees it."""
     mock = MockLLMAPI(MockConfig(output_tokens=200, token_delay=0.05))
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
-    async with proxied(mock, max_in_flight=1) as (client, app):
+    async with proxied(mock, plain_uvicorn=on_plain_uvicorn, max_in_flight=1) as (client, app):
         async with client.stream("POST", "/v1/chat/completions", json=body) as stream:
             async for _ in stream.aiter_bytes():
                 break  # one chunk, then hang up mid-stream
