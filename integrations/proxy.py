@@ -392,7 +392,9 @@ class ProxyApp:
             call.status, call.first_byte = response.status, time.perf_counter()
             try:
                 async for chunk in body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    last = response.at_eof()  # then the body ends with this message: one send less
+                    call.complete = last
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
             except UPSTREAM_ERRORS as exc:
                 # Too late to retry: leave the response unfinished, so the client sees a broken
                 # connection rather than a clean end to a truncated body.
@@ -401,8 +403,9 @@ class ProxyApp:
                     "%s: the upstream broke off the body: %s", call.route.region, type(exc).__name__
                 )
                 return
-            call.complete = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not call.complete:
+                call.complete = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with _cancel_scope()(shield=True):
                 await body.aclose()
