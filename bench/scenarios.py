@@ -58,7 +58,7 @@ agent over 2 x the mean wait.
 
 ``--ablation`` runs the transport mode with everything on, then once per primitive
 switched off (``Gate(disable=...)``, and ``max_retries=0`` for retries), on the first
-seed only (eight variants per scenario: minutes, not an hour). :func:`run_scenario` is the
+seed only (nine variants per scenario: minutes, not an hour). :func:`run_scenario` is the
 entry point for other runners; ``external_proxy`` puts any proxy (say another project's,
 in real time) in front of the mock.
 
