@@ -75,8 +75,10 @@ PRIMITIVES: dict[str, str] = {
 }
 #: Gate seconds between re-checks of a waiter that only decaying soft pressure can let through.
 RECHECK = 1.0
-#: Gate seconds of admissions that fairness counts (one rate-limit window).
-FAIRNESS_WINDOW = 60.0
+#: Gate seconds of admissions that fairness counts: five rate-limit windows, so that what an
+#: agent fell behind early in a batch of calls is still owed at its end (over one window,
+#: an agent whose recent calls happened to be quick looked ahead and was sent to the back).
+FAIRNESS_WINDOW = 300.0
 
 
 def _room(share: float) -> float:
@@ -208,11 +210,12 @@ class _Service:
     """Who this process admitted on one channel in the last :data:`FAIRNESS_WINDOW` seconds.
 
     Least attained service, bounded: an agent with fewer admissions than the mean agent's
-    is owed waiting time, up to one *round* (the seconds between an average agent's
-    admissions), in proportion to how far behind it is. A round is about as long as
-    anyone waits when every agent has one request queued, so a straggler (back from a
-    slow answer, or new) goes ahead of those already served, and no further: the credit
-    is bounded, so aging still lets everyone through. O(1) amortised per request.
+    is owed waiting time, up to one *round* (how long one admission per agent takes at
+    the recent pace: the mean gap of the last ``agents`` admissions times ``agents``), in
+    proportion to how far behind it is. A round is about as long as anyone waits when
+    every agent has one request queued, so a straggler (back from a slow answer, or new)
+    goes ahead of those already served, and no further: the credit is bounded, so aging
+    still lets everyone through. O(agents / 64) per request at worst (a deque's index).
     """
 
     log: deque[tuple[float, str]] = field(default_factory=deque)  # (admitted at, agent), oldest first
@@ -231,11 +234,12 @@ class _Service:
                 del counts[gone]
             else:
                 counts[gone] -= 1
-        if not log:
+        agents = len(counts)
+        behind = min(1.0, len(log) / agents - counts.get(agent_id, 0)) if agents else 0.0
+        recent = min(len(log), max(2, agents))  # the pace now: a burst earlier in the window would skew it
+        if behind <= 0 or recent < 2:
             return 0.0
-        mean = len(log) / len(counts)
-        behind = min(1.0, mean - counts.get(agent_id, 0))
-        return behind * (now - log[0][0]) / mean if behind > 0 else 0.0
+        return behind * agents * (log[-1][0] - log[-recent][0]) / (recent - 1)
 
 
 @dataclass(slots=True)
