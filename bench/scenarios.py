@@ -58,7 +58,7 @@ agent over 2 x the mean wait.
 
 ``--ablation`` runs the transport mode with everything on, then once per primitive
 switched off (``Gate(disable=...)``, and ``max_retries=0`` for retries), on the first
-seed only (eight variants per scenario: minutes, not an hour). :func:`run_scenario` is the
+seed only (nine variants per scenario: minutes, not an hour). :func:`run_scenario` is the
 entry point for other runners; ``external_proxy`` puts any proxy (say another project's,
 in real time) in front of the mock.
 
@@ -232,6 +232,7 @@ class Attempt:
     complete: bool = False  # the whole body was sent
     input_tokens: int = 0
     output_tokens: int = 0  # of a complete success
+    ended: float | None = None  # when the upstream was done with it
 
 
 class RecordingMock(MockLLMAPI):
@@ -266,6 +267,7 @@ class RecordingMock(MockLLMAPI):
         try:
             await super().__call__(scope, receive_recorded, send_recorded)
         finally:
+            attempt.ended = self.clock()
             payload = json.loads(body or b"{}")
             attempt.input_tokens = count_input_tokens(payload)
             if attempt.status == 200 and attempt.complete:
@@ -423,6 +425,8 @@ class ScenarioResult:
 
 #: Upstream URL -> an async context manager that serves a proxy in front of it and yields its base URL.
 ProxyFactory = Callable[[str], AbstractAsyncContextManager[str]]
+#: ``on_records(calls, attempts, start)``: a run's client-side calls and upstream attempts.
+RecordsHook = Callable[[Sequence[CallRecord], Sequence[Attempt], float], None]
 
 
 def _payload(agent: int, step: int, stream: bool) -> dict[str, Any]:
@@ -492,6 +496,7 @@ async def run_scenario(
     external_proxy: ProxyFactory | None = None,
     label: str | None = None,
     cutoff: float | None = None,
+    on_records: RecordsHook | None = None,
 ) -> ScenarioResult:
     """Run ``scenario`` once in ``mode`` and measure it.
 
@@ -503,6 +508,8 @@ async def run_scenario(
     replaces the mode in the result (say ``"hivemind"``): tables judge targets only for
     results labelled ``transport`` or ``proxy``. ``cutoff``: real seconds after which the
     calls still open are cut off and fail (default :meth:`Scenario.deadline` / ``speed``).
+    ``on_records(calls, attempts, start)`` sees the run's raw records before they are
+    measured (``bench/tail.py`` reads where a run's makespan went from them).
     """
     disabled = sorted(set(disable))
     if mode not in MODES:
@@ -608,6 +615,8 @@ async def run_scenario(
         for record in calls:
             if record.done is None:  # cut off at the deadline: a failure
                 record.done = cut
+    if on_records is not None:
+        on_records(calls, mock.log, start)
     metrics = measure(scenario, calls, mock.log, start)
     return ScenarioResult(
         scenario.key, label or mode, seed, speed, disabled, metrics, time.perf_counter() - real_start, samples

@@ -15,12 +15,16 @@ Everything the upstream says lands in the field at the request's channel (region
 - ``latency`` (time to first token over the target), ``success`` and ``error``:
   soft, short-lived pressure that slows admissions when the upstream strains.
 
-A waiting request's pressure is ``priority + aging_rate * waited + soft``; it is
-admitted when that reaches ``threshold``, no hold is active and the windows have
+A waiting request's pressure is ``priority + aging_rate * (waited + credit) + soft``;
+it is admitted when that reaches ``threshold``, no hold is active and the windows have
 room for its cost. Waiters of one channel are ordered by that pressure (FIFO among
 equals), so under saturation every agent's next request waits about
-``agents / rate``. Sharing the field (Redis) shares spends and holds between
-processes. In-flight counts and ``max_in_flight`` are this process's own.
+``agents / rate``. ``credit`` (fairness) is what an agent behind its share of the
+channel's recent admissions is owed: an agent whose calls are sequential and drew
+slow answers would otherwise queue behind everyone for each of its remaining calls
+and end last. Sharing the field (Redis) shares spends and holds between processes.
+In-flight counts, ``max_in_flight`` and the admissions behind ``credit`` are this
+process's own (as its queue is).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import itertools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -66,9 +71,14 @@ PRIMITIVES: dict[str, str] = {
     "occupancy": "the max_in_flight cap",
     "budgets": "token budgets: no reservations, no refusals",
     "aging": "waiting adds no pressure; a waiter under the threshold re-checks every second",
+    "fairness": "no credit for agents behind their share of recent admissions: waiters go FIFO",
 }
 #: Gate seconds between re-checks of a waiter that only decaying soft pressure can let through.
 RECHECK = 1.0
+#: Gate seconds of admissions that fairness counts: five rate-limit windows, so that what an
+#: agent fell behind early in a batch of calls is still owed at its end (over one window,
+#: an agent whose recent calls happened to be quick looked ahead and was sent to the back).
+FAIRNESS_WINDOW = 300.0
 
 
 def _room(share: float) -> float:
@@ -155,6 +165,7 @@ class Ticket:
     admitted: anyio.Event = field(default_factory=anyio.Event)
     pressure: float = 0.0
     waited: float = 0.0
+    credit: float = 0.0  # seconds of waiting it is owed for being behind its share (fairness)
     reservation: Reservation | None = None
     released: bool = False
 
@@ -195,6 +206,43 @@ class GateExplanation:
 
 
 @dataclass(slots=True)
+class _Service:
+    """Who this process admitted on one channel in the last :data:`FAIRNESS_WINDOW` seconds.
+
+    Least attained service, bounded: an agent with fewer admissions than the mean agent's
+    is owed waiting time, up to one *round* (how long one admission per agent takes at
+    the recent pace: the mean gap of the last ``agents`` admissions times ``agents``), in
+    proportion to how far behind it is. A round is about as long as anyone waits when
+    every agent has one request queued, so a straggler (back from a slow answer, or new)
+    goes ahead of those already served, and no further: the credit is bounded, so aging
+    still lets everyone through. O(agents / 64) per request at worst (a deque's index).
+    """
+
+    log: deque[tuple[float, str]] = field(default_factory=deque)  # (admitted at, agent), oldest first
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def admitted(self, agent_id: str, now: float) -> None:
+        self.log.append((now, agent_id))
+        self.counts[agent_id] = self.counts.get(agent_id, 0) + 1
+
+    def credit(self, agent_id: str, now: float) -> float:
+        """Seconds of waiting ``agent_id`` is owed now (0: it has had at least its share)."""
+        log, counts = self.log, self.counts
+        while log and log[0][0] < now - FAIRNESS_WINDOW:
+            _, gone = log.popleft()
+            if counts[gone] == 1:
+                del counts[gone]
+            else:
+                counts[gone] -= 1
+        agents = len(counts)
+        behind = min(1.0, len(log) / agents - counts.get(agent_id, 0)) if agents else 0.0
+        recent = min(len(log), max(2, agents))  # the pace now: a burst earlier in the window would skew it
+        if behind <= 0 or recent < 2:
+            return 0.0
+        return behind * agents * (log[-1][0] - log[-recent][0]) / (recent - 1)
+
+
+@dataclass(slots=True)
 class _Channel:
     waiters: list[tuple[float, int, Ticket]] = field(default_factory=list)
     in_flight: int = 0
@@ -203,6 +251,7 @@ class _Channel:
     exhausted: tuple[float, str] | None = None  # (epoch deadline, why) for fail-fast quotas
     pumper: Ticket | None = None
     admissions: int = 0
+    service: _Service = field(default_factory=_Service)
     changed: anyio.Event = field(default_factory=anyio.Event)
     failures: int = 0  # consecutive 5xx/overloads, for the back-off
     sleepers: int = 0  # tasks waiting on the current ``changed``
@@ -318,7 +367,9 @@ class Gate:
         channel = self._channel(route)
         self._refuse_if_exhausted(route, channel)
         now = self._clock()
-        ticket = Ticket(agent_id, route, priority, cost, now, -(priority - self.aging_rate * now))
+        credit = 0.0 if "fairness" in self.disabled else channel.service.credit(agent_id, now)
+        ticket = Ticket(agent_id, route, priority, cost, now, -(priority + self.aging_rate * (credit - now)))
+        ticket.credit = credit
         if self.budgets is not None:
             ticket.reservation = self.budgets.reserve(agent_id, cost.input_tokens + cost.output_tokens)
         heapq.heappush(channel.waiters, (ticket.key, next(self._seq), ticket))
@@ -404,11 +455,16 @@ class Gate:
                 continue  # it gave up while we read and spent; its spend stays (errs on the full side)
             channel.in_flight += 1
             channel.admissions += 1
-            ticket.pressure = (
-                ticket.priority + self.aging_rate * (self._clock() - ticket.arrived) + reading.soft
-            )
+            now = self._clock()
+            channel.service.admitted(ticket.agent_id, now)
+            ticket.pressure = ticket.priority + self.aging_rate * self._waited(ticket, now) + reading.soft
             ticket.admitted.set()
         return None
+
+    @staticmethod
+    def _waited(ticket: Ticket, now: float) -> float:
+        """Seconds the ticket counts as having waited: really, plus what fairness credits it."""
+        return now - ticket.arrived + ticket.credit
 
     @staticmethod
     def _dequeue(channel: _Channel, ticket: Ticket) -> bool:
@@ -433,7 +489,7 @@ class Gate:
             room = _room(share)
             if fill > room + 1e-9:
                 waits.append(WINDOWS[dim] * math.log(fill / room))  # fill decays as exp(-t / window)
-        pressure = ticket.priority + self.aging_rate * (now - ticket.arrived) + reading.soft
+        pressure = ticket.priority + self.aging_rate * self._waited(ticket, now) + reading.soft
         if pressure < self.threshold:
             waits.append((self.threshold - pressure) / self.aging_rate if self.aging_rate else RECHECK)
         return max(0.0, *waits)

@@ -23,7 +23,7 @@ from stigmergy.errors import (
     ConfigurationError,
     QuotaExhaustedError,
 )
-from stigmergy.gate import Cost, Gate, Route
+from stigmergy.gate import FAIRNESS_WINDOW, Cost, Gate, Route
 from stigmergy.ratelimits import Quota, RateLimitInfo
 
 pytestmark = pytest.mark.anyio
@@ -185,6 +185,74 @@ async def test_priority_goes_first_but_waiting_catches_up() -> None:
         tg.start_soon(request, "new-high", 0.9)
         await run_until(clock, lambda: len(order) == 2, step=1.0)
     assert order == ["new-high", "old-low"]  # 0.9 beats 0.2 + 0.1 * 1 s of waiting
+
+
+async def history(gate: Gate, clock: ManualClock, agents: str, route: Route = ROUTE) -> None:
+    """Admit one request of each agent named in ``agents`` in turn, a gate second apart."""
+    for name in agents:
+        gate.release(await gate.acquire(name, route))
+        clock.advance(1.0)
+
+
+async def contest(
+    gate: Gate, clock: ManualClock, arrivals: list[tuple[str, float]], route: Route = ROUTE
+) -> dict[str, float]:
+    """With the one in-flight place taken, ``(agent, seconds later)`` queue up in turn; then the
+    place frees and each admitted request releases at once. Each agent's credit, in the order
+    they were admitted."""
+    blocker = await gate.acquire("blocker", route)
+    credits: dict[str, float] = {}
+
+    async def request(name: str) -> None:
+        async with gate.admit(name, route) as ticket:
+            credits[name] = ticket.credit
+
+    async with anyio.create_task_group() as tg:
+        for name, later in arrivals:
+            clock.advance(later)
+            tg.start_soon(request, name)
+            await settle()
+        gate.release(blocker)
+        await run_until(clock, lambda: len(credits) == len(arrivals))
+    return credits
+
+
+async def test_an_agent_behind_its_share_goes_ahead_of_agents_served_meanwhile() -> None:
+    """Agent a is away on a slow call while b and c are served four times each; back, it
+    queues after c, yet goes first: it is owed the time of a round (waiting stays FIFO with
+    fairness off, see test_gate_ablation)."""
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=1)
+    await history(gate, clock, "abcbcbcbc")  # t = 0..8: a once, b and c four times each
+    credits = await contest(gate, clock, [("c", 1.0), ("a", 1.0)])  # the blocker at 9, c at 10, a at 11
+    assert list(credits) == ["a", "c"]
+    # at 11: 10 admissions of 4 agents (mean 2.5); a is 1.5 behind (counted as 1), c ahead.
+    # A round: 4 agents, the last admissions 1 s apart, 4 s
+    assert credits == {"a": pytest.approx(4.0), "c": 0.0}
+
+
+async def test_fairness_credit_is_at_most_one_round_so_a_long_waiter_still_goes_first() -> None:
+    """A newcomer is owed one round (one admission per agent at the recent pace: 3 agents
+    1 s apart, 3 s), no more: c, queued 10 s before it, goes first all the same."""
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=1)
+    await history(gate, clock, "bcbcbc")  # t = 0..5
+    credits = await contest(gate, clock, [("c", 0.0), ("newcomer", 10.0)])  # the blocker and c at 6
+    assert list(credits) == ["c", "newcomer"]
+    assert credits == {"c": 0.0, "newcomer": pytest.approx(3.0)}  # idle time since is no part of a round
+
+
+async def test_fairness_forgets_admissions_older_than_its_window() -> None:
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=1)
+    await history(gate, clock, "abbbbbbb")
+    clock.advance(FAIRNESS_WINDOW + 1.0)
+    ticket = await gate.acquire("a", ROUTE)
+    assert ticket.credit == 0.0  # the window is empty: nobody is behind
+    gate.release(ticket)
+    ticket = await gate.acquire("new", ROUTE)
+    assert ticket.credit == 0.0  # one admission in the window gives no pace yet
+    gate.release(ticket)
 
 
 async def test_max_in_flight_is_a_hard_cap_and_a_release_admits_the_next() -> None:
@@ -364,4 +432,23 @@ async def test_on_a_redis_field_arrivals_and_cancellations_during_a_pump_lose_no
     assert sorted(admitted + [n for n in cancelled if n not in admitted]) == list(range(60))
     assert len(admitted) == len(set(admitted))
     assert gate.channels()[route]["in_flight"] == 0 and gate.channels()[route]["waiting"] == 0
+    await client.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_fairness_orders_waiters_on_a_redis_field_too(redis_url: str) -> None:
+    """The admissions behind the credit are this process's own: the field (here Redis) only
+    holds the spends and holds, so waiters go in the same order as on an in-memory field."""
+    from redis.asyncio import Redis
+
+    from stigmergy.backends.redis_backend import RedisFieldBackend
+    from stigmergy.gate import gate_field
+
+    client, clock = Redis.from_url(redis_url), ManualClock()
+    field = gate_field(RedisFieldBackend(client, f"fair-{uuid.uuid4().hex}"))
+    gate = Gate(field, clock=clock, max_in_flight=1)
+    await history(gate, clock, "abcbcbcbc")
+    with anyio.fail_after(10):
+        credits = await contest(gate, clock, [("c", 1.0), ("a", 1.0)])
+    assert list(credits) == ["a", "c"]
     await client.aclose()

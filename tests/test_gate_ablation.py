@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from test_gate import EPOCH, ROUTE, gate_at, info, run_until, settle
+from test_gate import EPOCH, ROUTE, contest, gate_at, history, info, run_until, settle
 
 from stigmergy import ManualClock
 from stigmergy.budgets import TokenBudgets
@@ -44,7 +44,15 @@ def test_unknown_names_are_refused_naming_the_valid_ones(disable: object) -> Non
 
 
 def test_every_primitive_has_a_description() -> None:
-    assert set(PRIMITIVES) == {"rate_limits", "backoff", "latency", "occupancy", "budgets", "aging"}
+    assert set(PRIMITIVES) == {
+        "rate_limits",
+        "backoff",
+        "latency",
+        "occupancy",
+        "budgets",
+        "aging",
+        "fairness",
+    }
     Gate(disable=PRIMITIVES)  # all at once is allowed
 
 
@@ -111,3 +119,15 @@ async def test_aging_off_leaves_a_waiter_under_the_threshold_waiting(off: bool) 
     waited = await first_admission(gate, clock, priority=0.4, limit=30.0)
     assert waited == (float("inf") if off else pytest.approx(1.0, abs=0.3))
     await settle()
+
+
+@pytest.mark.parametrize("off", [False, True])
+async def test_fairness_off_queues_an_agent_behind_its_share_first_come_first_served(off: bool) -> None:
+    """a was served once while b and c were served four times each: it goes ahead of c,
+    who queued a second before it; without fairness, c goes first and a is owed nothing."""
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=1, disable={"fairness"} if off else ())
+    await history(gate, clock, "abcbcbcbc")
+    credits = await contest(gate, clock, [("c", 1.0), ("a", 1.0)])
+    assert list(credits) == (["c", "a"] if off else ["a", "c"])
+    assert (credits["a"] == 0.0) == off
