@@ -79,6 +79,10 @@ RECHECK = 1.0
 #: agent fell behind early in a batch of calls is still owed at its end (over one window,
 #: an agent whose recent calls happened to be quick looked ahead and was sent to the back).
 FAIRNESS_WINDOW = 300.0
+#: At most this many admissions are kept per channel (a proxy at thousands of requests/s
+#: would otherwise keep hundreds of thousands): at such a pace the window is seconds long,
+#: and nobody waits long enough for fairness to matter.
+FAIRNESS_LOG = 10_000
 
 
 def _room(share: float) -> float:
@@ -224,22 +228,28 @@ class _Service:
     def admitted(self, agent_id: str, now: float) -> None:
         self.log.append((now, agent_id))
         self.counts[agent_id] = self.counts.get(agent_id, 0) + 1
+        if len(self.log) > FAIRNESS_LOG:
+            self._forget()
 
     def credit(self, agent_id: str, now: float) -> float:
         """Seconds of waiting ``agent_id`` is owed now (0: it has had at least its share)."""
         log, counts = self.log, self.counts
         while log and log[0][0] < now - FAIRNESS_WINDOW:
-            _, gone = log.popleft()
-            if counts[gone] == 1:
-                del counts[gone]
-            else:
-                counts[gone] -= 1
+            self._forget()
         agents = len(counts)
         behind = min(1.0, len(log) / agents - counts.get(agent_id, 0)) if agents else 0.0
         recent = min(len(log), max(2, agents))  # the pace now: a burst earlier in the window would skew it
         if behind <= 0 or recent < 2:
             return 0.0
         return behind * agents * (log[-1][0] - log[-recent][0]) / (recent - 1)
+
+    def _forget(self) -> None:
+        """Drop the oldest admission."""
+        _, gone = self.log.popleft()
+        if self.counts[gone] == 1:
+            del self.counts[gone]
+        else:
+            self.counts[gone] -= 1
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ import anyio.lowlevel
 import pytest
 
 from stigmergy import ManualClock, PheromoneField
+from stigmergy import gate as gate_module
 from stigmergy.budgets import TokenBudgets
 from stigmergy.errors import (
     AdmissionTimeoutError,
@@ -253,6 +254,19 @@ async def test_fairness_forgets_admissions_older_than_its_window() -> None:
     ticket = await gate.acquire("new", ROUTE)
     assert ticket.credit == 0.0  # one admission in the window gives no pace yet
     gate.release(ticket)
+
+
+async def test_fairness_keeps_at_most_its_log_of_admissions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy channel's log is capped (the oldest admissions go first), its counts with it."""
+    monkeypatch.setattr(gate_module, "FAIRNESS_LOG", 5)
+    clock = ManualClock()
+    gate = gate_at(clock, max_in_flight=1)
+    await history(gate, clock, "aaaaabbb")  # within the window, but only the last five stay
+    ticket = await gate.acquire("c", ROUTE)
+    gate.release(ticket)
+    (service,) = (channel.service for channel in gate._channels.values())
+    assert [agent for _, agent in service.log] == ["a", "a", "b", "b", "b", "c"][-5:]
+    assert service.counts == {"a": 1, "b": 3, "c": 1}
 
 
 async def test_max_in_flight_is_a_hard_cap_and_a_release_admits_the_next() -> None:
